@@ -1,0 +1,46 @@
+"""Shared pieces of the DALL·E residual architecture (official `dall_e` package, paper-facts.md)."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+from torch import Tensor, nn
+
+
+def conv(n_in: int, n_out: int, kernel: int) -> nn.Conv2d:
+    """A 'same'-padded convolution initialised like the official code: N(0, 1/fan_in), zero bias."""
+    layer = nn.Conv2d(n_in, n_out, kernel, padding=(kernel - 1) // 2)
+    nn.init.normal_(layer.weight, std=1.0 / math.sqrt(n_in * kernel**2))
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class ResidualBlock(nn.Module):
+    """identity path (1x1 conv when widths differ) + post_gain * four (ReLU, conv) pairs.
+
+    The bottleneck is n_out / 4 wide. `kernels` is (3, 3, 3, 1) in the encoder and (1, 3, 3, 3) in
+    the decoder; post_gain = 1 / n_layers**2 keeps the deep residual sum stable at init.
+    """
+
+    def __init__(self, n_in: int, n_out: int, n_layers: int, kernels: tuple[int, int, int, int]):
+        super().__init__()
+        if n_out % 4:
+            raise ValueError(f"a residual block's width must be divisible by 4, got {n_out}.")
+        n_hid = n_out // 4
+        self.post_gain = 1.0 / n_layers**2
+        self.id_path = conv(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        widths = (n_in, n_hid, n_hid, n_hid, n_out)
+        layers: dict[str, nn.Module] = {}
+        for i, k in enumerate(kernels, start=1):
+            layers[f"relu_{i}"] = nn.ReLU()
+            layers[f"conv_{i}"] = conv(widths[i - 1], widths[i], k)
+        self.res_path = nn.Sequential(OrderedDict(layers))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+def group_widths(n_hid: int, groups: int) -> list[int]:
+    """Widths of the encoder's groups: n_hid x (1, 2, 4, 8) for the paper's 4 groups."""
+    return [n_hid * 2**i for i in range(groups)]

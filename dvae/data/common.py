@@ -1,0 +1,137 @@
+"""Helpers shared by the data sources: seeded per-item randomness, cropping, resizing, the epoch sampler.
+
+Randomness is keyed on (seed, sample index) instead of a global or per-worker RNG, so a sample is the
+same whatever `num_workers` is, and two runs with the same seed see exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+
+def stable_seed(*key: object) -> int:
+    """A 63-bit seed derived from `key` that is the same in every process and Python version."""
+    digest = hashlib.sha256(":".join(map(str, key)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def item_rng(*key: object) -> random.Random:
+    """A cheap private RNG for one sample; string seeds are hashed deterministically (not PYTHONHASHSEED)."""
+    return random.Random(":".join(map(str, key)))
+
+
+def to_unit_float(image: Tensor) -> Tensor:
+    """uint8 [C, H, W] -> float32 in [0, 1]; the model maps pixels to its own range itself."""
+    return image.to(torch.float32).div_(255.0)
+
+
+def random_crop(image: Tensor, size: int, rng: random.Random, flip: bool) -> Tensor:
+    """A `size` x `size` crop at a position drawn from `rng`, horizontally flipped half the time if `flip`."""
+    _, height, width = image.shape
+    top = rng.randint(0, height - size)
+    left = rng.randint(0, width - size)
+    crop = image[:, top : top + size, left : left + size]
+    if flip and rng.random() < 0.5:
+        crop = crop.flip(-1)
+    return crop
+
+
+def center_crop(image: Tensor, size: int) -> Tensor:
+    _, height, width = image.shape
+    top = (height - size) // 2
+    left = (width - size) // 2
+    return image[:, top : top + size, left : left + size]
+
+
+def resize(image: Tensor, height: int, width: int) -> Tensor:
+    """Bilinear, antialiased resize of a uint8 [C, H, W] image, returned as uint8."""
+    if image.shape[-2:] == (height, width):
+        return image
+    resized = F.interpolate(image[None].to(torch.float32), size=(height, width), mode="bilinear",
+                            antialias=True, align_corners=False)[0]
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def grow_to_fit(image: Tensor, size: int) -> Tensor:
+    """Upscale (keeping the aspect ratio) so that the shorter side is at least `size`; never downscale."""
+    _, height, width = image.shape
+    shorter = min(height, width)
+    if shorter >= size:
+        return image
+    scale = size / shorter
+    # max() guards against rounding the shorter side to size - 1.
+    return resize(image, max(size, round(height * scale)), max(size, round(width * scale)))
+
+
+class CroppedImages(Dataset[Tensor]):
+    """A finite list of images served as crops: random crop + flip for training, center crop for validation.
+
+    Training indices are the "virtual" indices from `EpochSampler`: image = index % num_images, and the crop
+    is drawn from an RNG keyed on the whole index, so every epoch sees new crops. The training length is at
+    least `min_length`, so a folder of 20 large images still gives a useful epoch of random crops.
+    """
+
+    channels: int = 3
+
+    def __init__(self, num_images: int, crop_size: int, train: bool, seed: int, random_flip: bool,
+                 min_length: int = 0, resize_to: int | None = None) -> None:
+        self.num_images = num_images
+        self.crop_size = crop_size
+        self.train = train
+        self.seed = seed
+        self.random_flip = random_flip
+        self.length = max(num_images, min_length) if train else num_images
+        self.resize_to = resize_to
+
+    def load_image(self, index: int) -> Tensor:
+        """uint8 [channels, H, W] image number `index`."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Tensor:
+        image = self.load_image(index % self.num_images)
+        if self.resize_to is not None:
+            image = resize(image, self.resize_to, self.resize_to)
+        image = grow_to_fit(image, self.crop_size)
+        if self.train:
+            rng = item_rng(type(self).__name__, self.seed, index)
+            crop = random_crop(image, self.crop_size, rng, self.random_flip)
+        else:
+            crop = center_crop(image, self.crop_size)
+        return to_unit_float(crop)
+
+
+class EpochSampler(Sampler[int]):
+    """Yields `epoch * n + permutation(n)`: a fresh seeded order each epoch, and a distinct index per draw so
+    index-keyed random crops differ between epochs.
+
+    Lightning calls `set_epoch` before every epoch (also after resuming from a checkpoint); a plain loop
+    that never calls it still gets a new epoch on each pass.
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = self.epoch
+        self.epoch += 1
+        generator = torch.Generator().manual_seed(stable_seed("epoch-order", self.seed, epoch))
+        order = torch.randperm(self.num_samples, generator=generator) + epoch * self.num_samples
+        return iter(order.tolist())

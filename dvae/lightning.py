@@ -1,0 +1,165 @@
+"""The training system around `DVAE`: the ELBO, the schedules, AdamW, EMA and the metrics."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchmetrics import MeanMetric, Metric
+
+from .codebook import perplexity
+from .losses import LOSSES, nll_to_bits_per_dim, psnr, reconstruct, reconstruction_loss
+from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE
+from .schedules import Schedule
+
+SCALE_MODES = ("learned", "constant", "linear", "cosine", "exponential")
+
+
+class CodeCounts(Metric):
+    """How often each of the K codes is the argmax over the validation set (summed over ranks)."""
+
+    def __init__(self, K: int):
+        super().__init__()
+        self.add_state("counts", default=torch.zeros(K, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, tokens: Tensor) -> None:
+        self.counts += torch.bincount(tokens.flatten(), minlength=self.counts.numel())
+
+    def compute(self) -> Tensor:
+        return self.counts
+
+
+class DVAELightning(L.LightningModule):
+    """Built from primitive hyper-parameters only, so `load_from_checkpoint(path)` is enough.
+
+    The loss per sub-pixel is mean(rec) + beta * sum_positions(KL) / (H * W * C): the paper's
+    normalisation of the whole ELBO by the number of sub-pixels.
+    """
+
+    def __init__(
+        self,
+        # network
+        channels: int = 3, n_hid: int = 32, blocks_per_group: int = 1, groups: int = 3,
+        K: int = 512, n_init: int = 32, hard: bool = False, pixel_eps: float = 0.1,
+        # objective
+        loss: str = "logit_laplace", scale_mode: str = "learned", scale_value: float = 0.1,
+        scale_start: float = 0.5, scale_end: float = 0.05, scale_steps: int = 1000,
+        log_scale_floor: float = DEFAULT_LOG_SCALE_FLOOR,
+        # schedules (paper shapes: cosine)
+        tau_start: float = 1.0, tau_end: float = 1 / 16, tau_steps: int = 150_000,
+        beta_start: float = 0.0, beta_end: float = 6.6, beta_steps: int = 5_000,
+        # optimiser
+        lr: float = 1e-4, lr_end: float = 1.25e-6, lr_warmup_steps: int = 0,
+        lr_steps: int = 1_200_000, betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8, weight_decay: float = 1e-4, ema_decay: float = 0.999,
+    ):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss={loss!r} is not known; use one of {', '.join(LOSSES)}.")
+        if scale_mode not in SCALE_MODES:
+            raise ValueError(f"scale mode {scale_mode!r} is not known; use one of {', '.join(SCALE_MODES)}.")
+        self.save_hyperparameters()
+        learned = loss == "logit_laplace" and scale_mode == "learned"
+        self.model = DVAE(channels, n_hid, blocks_per_group, groups, K, n_init,
+                          learned_scale=learned, log_scale_floor=log_scale_floor, eps=pixel_eps,
+                          hard=hard)
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay),
+                                 use_buffers=True)
+        self.ema.requires_grad_(False)
+        self.tau = Schedule("cosine", tau_start, tau_end, tau_steps)
+        self.beta = Schedule("cosine", beta_start, beta_end, beta_steps)
+        self.lr_schedule = Schedule("cosine", lr, lr_end, lr_steps, warmup=lr_warmup_steps)
+        if scale_mode == "constant":
+            self.scale = Schedule("constant", scale_value, scale_value, 0)
+        elif scale_mode != "learned":
+            self.scale = Schedule(scale_mode, scale_start, scale_end, scale_steps)
+        self.val_psnr = MeanMetric()
+        self.val_psnr_mean_color = MeanMetric()
+        self.val_bits_per_dim = MeanMetric()
+        self.val_code_counts = CodeCounts(K)
+
+    @property
+    def ema_model(self) -> DVAE:
+        """The averaged weights: validated, checkpointed and exported."""
+        return self.ema.module
+
+    def log_scale_for(self, model: DVAE, mu: Tensor, log_scale: Tensor | None) -> Tensor | None:
+        """ln b for the loss: the decoder's when learned, else the scheduled value at this step."""
+        if self.hparams.loss != "logit_laplace" or model.learned_scale:
+            return log_scale
+        return torch.full_like(mu, math.log(self.scale(self.global_step)))
+
+    def elbo_terms(self, model: DVAE, x: Tensor, logits: Tensor, mu: Tensor,
+                   log_scale: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(mean reconstruction loss per sub-pixel, KL per sub-pixel, ln b used)."""
+        log_scale = self.log_scale_for(model, mu, log_scale)
+        rec = reconstruction_loss(self.hparams.loss, x, mu, log_scale, self.hparams.pixel_eps)
+        kl = model.quantizer.kl_to_uniform(logits).sum(dim=(1, 2)).mean() / x[0].numel()
+        return rec.mean(), kl, log_scale
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        step = self.global_step
+        tau, beta = self.tau(step), self.beta(step)
+        out = self.model(batch, tau)
+        rec, kl, log_scale = self.elbo_terms(self.model, batch, out.logits, out.mu, out.log_scale)
+        loss = rec + beta * kl
+        logs = {"train/loss": loss, "train/nll": rec, "train/kl": kl, "train/tau": tau,
+                "train/beta": beta, "train/lr": self.optimizers().param_groups[0]["lr"]}
+        if log_scale is not None:
+            logs["train/scale"] = log_scale.detach().exp().mean()
+        self.log_dict(logs, prog_bar=False, batch_size=batch.shape[0])
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=batch.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.ema.update_parameters(self.model)
+
+    @torch.no_grad()
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        model = self.ema_model
+        x = batch
+        logits = model.logits(x)
+        tokens = logits.argmax(dim=1)
+        mu, log_scale = model.split_output(model.decoder.forward_tokens(tokens))
+        x_hat = reconstruct(mu, model.eps)
+        mean_color = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+        self.val_psnr.update(psnr(x, x_hat))
+        self.val_psnr_mean_color.update(psnr(x, mean_color))
+        self.val_code_counts.update(tokens)
+        if self.hparams.loss == "logit_laplace":
+            rec, kl, _ = self.elbo_terms(model, x, logits, mu, log_scale)
+            self.val_bits_per_dim.update(nll_to_bits_per_dim(rec + kl, model.eps), weight=x.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        counts = self.val_code_counts.compute()
+        metrics = {
+            "val/psnr": self.val_psnr.compute(),
+            "val/psnr_mean_color": self.val_psnr_mean_color.compute(),
+            "val/perplexity": perplexity(counts),
+            "val/codes_used_fraction": (counts > 0).float().mean(),
+        }
+        if self.hparams.loss == "logit_laplace":
+            metrics["val/bits_per_dim"] = self.val_bits_per_dim.compute()
+        self.log_dict(metrics, prog_bar=False)
+        self.log("val_psnr", metrics["val/psnr"], prog_bar=True, logger=False)
+        for metric in (self.val_psnr, self.val_psnr_mean_color, self.val_bits_per_dim,
+                       self.val_code_counts):
+            metric.reset()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if name.endswith("bias") else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: self.lr_schedule(step) / hp.lr
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

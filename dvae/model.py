@@ -1,0 +1,138 @@
+"""`DVAE`: the network alone (no Lightning), the object users encode and decode with."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .codebook import GumbelCodebook
+from .decoder import Decoder
+from .encoder import Encoder
+from .losses import map_pixels, reconstruct
+
+# ln b is kept above the logit-space width of one 8-bit step at mid-grey,
+# ln((1 - 2 eps) / 256 / (0.5 * 0.5)) with eps = 0.1: without a floor the density on pixels the
+# model predicts exactly grows without bound as b -> 0 (paper-facts.md).
+DEFAULT_LOG_SCALE_FLOOR = math.log(0.8 / 256 / 0.25)
+
+
+class DVAEOutput(NamedTuple):
+    logits: Tensor  # (B, K, h, w) encoder logits
+    mu: Tensor  # (B, C, H, W) logit-space locations
+    log_scale: Tensor | None  # (B, C, H, W) ln b when the scale is learned, else None
+
+
+class DVAE(nn.Module):
+    """Encoder -> Gumbel codebook -> decoder, on images in [0, 1] (pixels are mapped inside).
+
+    `learned_scale=True` is the paper's decoder (2*C output maps: mu and ln b, with ln b softly
+    floored at `log_scale_floor`); `False` outputs C maps and the caller supplies the scale.
+    """
+
+    def __init__(self, channels: int = 3, n_hid: int = 256, blocks_per_group: int = 2,
+                 groups: int = 4, K: int = 8192, n_init: int = 128, learned_scale: bool = True,
+                 log_scale_floor: float = DEFAULT_LOG_SCALE_FLOOR, eps: float = 0.1,
+                 hard: bool = False):
+        super().__init__()
+        for name, value in (("channels", channels), ("n_hid", n_hid), ("groups", groups),
+                            ("blocks_per_group", blocks_per_group), ("K", K), ("n_init", n_init)):
+            if value < 1:
+                raise ValueError(f"model.{name}={value} must be a positive integer.")
+        if K < 2:
+            raise ValueError(f"model.K={K} must be at least 2 codes.")
+        self.channels, self.K, self.eps = channels, K, eps
+        self.groups = groups
+        self.learned_scale = learned_scale
+        self.log_scale_floor = log_scale_floor
+        self.encoder = Encoder(channels, n_hid, blocks_per_group, groups, K)
+        self.quantizer = GumbelCodebook(K, hard=hard)
+        out = 2 * channels if learned_scale else channels
+        self.decoder = Decoder(out, n_hid, blocks_per_group, groups, K, n_init)
+
+    @property
+    def downsampling(self) -> int:
+        """Pixels per token along each side: 2**(groups - 1) (8 in the paper)."""
+        return 2 ** (self.groups - 1)
+
+    @property
+    def codebook(self) -> Tensor:
+        """[K, D]: the code vectors the decoder reads (its input projection's weight)."""
+        return self.decoder.codebook
+
+    def check_images(self, images: Tensor) -> None:
+        """Raise a ValueError saying what to pass when `images` cannot go through the encoder."""
+        if not isinstance(images, Tensor):
+            raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}.")
+        if images.dim() != 4:
+            raise ValueError(
+                f"images must have shape [B, {self.channels}, H, W], got a rank-{images.dim()} "
+                f"tensor of shape {list(images.shape)}; add a batch dimension with images[None]."
+            )
+        if images.shape[1] != self.channels:
+            raise ValueError(
+                f"images must have {self.channels} channels in dimension 1, got shape "
+                f"{list(images.shape)}; pass [B, {self.channels}, H, W] (channels first)."
+            )
+        if not images.is_floating_point():
+            raise ValueError(
+                f"images must be floating point in [0, 1], got {images.dtype}; "
+                "convert uint8 images with images.float() / 255."
+            )
+        f = self.downsampling
+        h, w = images.shape[-2:]
+        if h % f or w % f or h == 0 or w == 0:
+            raise ValueError(
+                f"image height and width must be positive multiples of {f} (the downsampling "
+                f"factor), got {h}x{w}; crop or resize to e.g. {max(f, h // f * f)}x{max(f, w // f * f)}."
+            )
+
+    def check_tokens(self, tokens: Tensor) -> None:
+        if not isinstance(tokens, Tensor):
+            raise ValueError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}.")
+        if tokens.dim() != 3:
+            raise ValueError(
+                f"tokens must have shape [B, h, w], got shape {list(tokens.shape)}; "
+                "add a batch dimension with tokens[None]."
+            )
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be integers, got {tokens.dtype}; use tokens.long().")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.K):
+            raise ValueError(
+                f"tokens must be in [0, {self.K}) for this model (K={self.K}), got values in "
+                f"[{int(tokens.min())}, {int(tokens.max())}]."
+            )
+
+    def logits(self, images: Tensor) -> Tensor:
+        """Images [B, C, H, W] in [0, 1] -> code logits [B, K, H/f, W/f]."""
+        self.check_images(images)
+        return self.encoder(map_pixels(images, self.eps))
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Images [B, C, H, W] in [0, 1] -> argmax tokens [B, H/f, W/f] (int64): no noise."""
+        return GumbelCodebook.tokens(self.logits(images))
+
+    def decode(self, tokens: Tensor) -> Tensor:
+        """Tokens [B, h, w] -> images [B, C, h*f, w*f] in [0, 1]."""
+        self.check_tokens(tokens)
+        mu, _ = self.split_output(self.decoder.forward_tokens(tokens.long()))
+        return reconstruct(mu, self.eps)
+
+    def split_output(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Decoder output -> (mu, ln b or None); ln b goes through the soft floor."""
+        if not self.learned_scale:
+            return out, None
+        mu, raw = out.float().chunk(2, dim=1)
+        floor = self.log_scale_floor
+        return mu, floor + F.softplus(raw - floor)
+
+    def forward(self, images: Tensor, tau: float = 1.0) -> DVAEOutput:
+        """One training pass: logits, a Gumbel-softmax sample at temperature tau, and the
+        decoder's distribution parameters."""
+        logits = self.logits(images)
+        z = self.quantizer(logits, tau)
+        mu, log_scale = self.split_output(self.decoder(z))
+        return DVAEOutput(logits, mu.float(), log_scale)

@@ -1,0 +1,220 @@
+"""`dvae-train`: the Hydra entry point. compose -> validate -> build -> fit -> metrics.json.
+
+    dvae-train                                   # tiny model on the bundled photographs, CPU
+    dvae-train scale=constant scale.value=0.2    # the seed's fixed scale
+    dvae-train -m scale=constant scale.value=0.05,0.1,0.2
+    dvae-train model=dalle data=folder data.root=/data/images trainer.devices=8 strategy=ddp
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
+from .losses import LOSSES
+from .schedules import KINDS
+
+PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
+GPU_ONLY_STRATEGIES = ("fsdp", "deepspeed", "deepspeed_stage_2", "deepspeed_stage_3")
+
+
+# Noise from Lightning's internals on current torch; nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
+
+
+def _number(cfg: DictConfig, key: str) -> float:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be a number.")
+    return float(value)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Refuse a run that cannot work, with one sentence naming the key, before any training."""
+    if cfg.loss not in LOSSES:
+        raise ConfigError(f"loss={cfg.loss} is not known; use one of {', '.join(LOSSES)}.")
+    mode = cfg.scale.mode
+    if mode == "learned":
+        if cfg.scale.get("value") is not None:
+            raise ConfigError(
+                f"scale.value={cfg.scale.value} has no effect with scale=learned (the decoder predicts "
+                "the scale); add scale=constant to train with a fixed scale."
+            )
+    elif mode == "constant":
+        if _number(cfg, "scale.value") <= 0:
+            raise ConfigError(
+                f"scale.value={cfg.scale.value} must be > 0; the Laplace scale b is positive (the seed used 0.1)."
+            )
+    elif mode in KINDS:
+        for key in ("scale.start", "scale.end"):
+            if _number(cfg, key) <= 0:
+                value = OmegaConf.select(cfg, key)
+                raise ConfigError(f"{key}={value} must be > 0; the Laplace scale b is positive.")
+        if _number(cfg, "scale.steps") < 0:
+            raise ConfigError(f"scale.steps={cfg.scale.steps} must be >= 0.")
+    else:
+        raise ConfigError(f"scale.mode={mode} is not known; use scale=learned, constant, linear, cosine, exponential.")
+    factor = 2 ** (int(cfg.model.groups) - 1)
+    crop = int(cfg.data.crop_size)
+    if crop % factor or crop <= 0:
+        suggestion = max(factor, round(crop / factor) * factor)
+        raise ConfigError(
+            f"data.crop_size={crop} is not a multiple of the model's downsampling factor {factor} "
+            f"(model.groups={cfg.model.groups}); use e.g. data.crop_size={suggestion}."
+        )
+    if str(cfg.precision) not in PRECISIONS:
+        raise ConfigError(f"precision={cfg.precision} is not known; use 32, bf16-mixed or 16-mixed.")
+    cuda = torch.cuda.is_available() and cfg.trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+    if cfg.strategy.name in GPU_ONLY_STRATEGIES and not cuda:
+        raise ConfigError(
+            f"strategy={cfg.strategy.name} needs a CUDA GPU and none is available; "
+            "use strategy=auto, ddp or ddp_spawn on a CPU."
+        )
+    if str(cfg.precision).startswith("16") and not cuda:
+        raise ConfigError(f"precision={cfg.precision} needs a CUDA GPU; use precision=bf16-mixed or 32 on a CPU.")
+    if cfg.logger.name not in ("csv", "tensorboard", "wandb"):
+        raise ConfigError(f"logger={cfg.logger.name} is not known; use logger=csv, tensorboard or wandb.")
+
+
+def build_module(cfg: DictConfig):
+    """The LightningModule from the config: every hyper-parameter is a primitive."""
+    from .lightning import DVAELightning
+
+    m, s = cfg.model, cfg.scale
+    return DVAELightning(
+        channels=int(cfg.data.channels), n_hid=m.n_hid, blocks_per_group=m.blocks_per_group,
+        groups=m.groups, K=m.K, n_init=m.n_init, hard=m.hard, pixel_eps=cfg.pixel_eps,
+        loss=cfg.loss, scale_mode=s.mode, scale_value=s.get("value") or 0.1,
+        scale_start=s.get("start", 0.5), scale_end=s.get("end", 0.05),
+        scale_steps=s.get("steps", 1000), log_scale_floor=s.get("log_floor") or -4.382,
+        tau_start=cfg.temperature.start, tau_end=cfg.temperature.end, tau_steps=cfg.temperature.steps,
+        beta_start=cfg.kl_weight.start, beta_end=cfg.kl_weight.end, beta_steps=cfg.kl_weight.steps,
+        lr=cfg.optim.lr, lr_end=cfg.optim.lr_end, lr_warmup_steps=cfg.optim.warmup_steps,
+        lr_steps=cfg.optim.steps, betas=tuple(cfg.optim.betas), adam_eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay, ema_decay=cfg.ema.decay,
+    )
+
+
+def _wandb_online() -> bool:
+    """Online only when the user has configured an account (an API key or a netrc entry)."""
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return False
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    name = cfg.logger.name
+    if name == "csv":
+        return [CSVLogger(save_dir=run_dir, name="logs", version="")]
+    if name == "tensorboard":
+        return [TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="")]
+    offline = cfg.logger.offline
+    offline = not _wandb_online() if offline == "auto" else bool(offline)
+    return [WandbLogger(project=cfg.logger.project, entity=cfg.logger.get("entity"),
+                        save_dir=str(run_dir), offline=offline,
+                        config=OmegaConf.to_container(cfg, resolve=True))]
+
+
+def close_loggers(loggers: list) -> None:
+    """Finish every logger, so that one multirun job never leaks into the next."""
+    for logger in loggers:
+        logger.finalize("success")
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
+
+
+def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="dvae-train: final validation (EMA weights, argmax tokens)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console = Console()
+    console.print(table)
+    console.print(f"run directory: {run_dir}")
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
+    """Train one dVAE; returns the final validation PSNR (what sweepers optimise)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    from .callbacks import ReconstructionGrid
+    from .data import build_datamodule
+
+    if run_dir is None:
+        run_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
+    run_dir = Path(run_dir)
+    validate_config(cfg)
+    datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = build_module(cfg)
+    loggers = build_loggers(cfg, run_dir)
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
+                                  monitor="val/psnr", mode="max", save_last=True,
+                                  auto_insert_metric_name=False)
+    grid = ReconstructionGrid(run_dir / "images")
+    callbacks = [checkpoints, grid]
+    if cfg.progress_bar and sys.stderr.isatty():
+        callbacks.append(RichProgressBar())
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        strategy=cfg.strategy.name, precision=str(cfg.precision), logger=loggers,
+        callbacks=callbacks, default_root_dir=run_dir, enable_progress_bar=bool(cfg.progress_bar),
+    )
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule)
+        wall = time.perf_counter() - start
+        final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    finally:
+        close_loggers(loggers)
+    metrics = {
+        "psnr": final["val/psnr"],
+        "psnr_mean_color": final["val/psnr_mean_color"],
+        "bits_per_dim": final.get("val/bits_per_dim"),
+        "perplexity": final["val/perplexity"],
+        "codes_used_fraction": final["val/codes_used_fraction"],
+        "steps": trainer.global_step,
+        "wall_seconds": round(wall, 2),
+    }
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print_summary(metrics, run_dir)
+    return float(metrics["psnr"])
+
+
+@hydra.main(version_base="1.3", config_path="pkg://dvae.configs", config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return train(cfg)
+    except ConfigError as error:
+        print(f"dvae-train: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

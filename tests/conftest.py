@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+# Tests never talk to the internet or to an account.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# A few-second run: small crops, few steps, a tiny validation set.
+FAST = [
+    "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+    "data.batch_size=8", "data.train_samples=32", "data.val_samples=16", "progress_bar=false",
+    "model.n_hid=8", "model.K=32", "model.n_init=8",
+]
+
+
+def compose_config(overrides=()):
+    with initialize_config_module(config_module="dvae.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.fixture
+def fast_config():
+    return lambda *overrides: compose_config([*FAST, *overrides])

@@ -1,0 +1,98 @@
+"""Every config option composes and passes validation; every bad input is refused before training
+with one sentence naming the key."""
+
+from importlib.resources import files
+
+import pytest
+import torch
+
+from dvae.errors import ConfigError
+from dvae.train import build_module, train, validate_config
+
+from .conftest import compose_config
+
+CONFIGS = files("dvae.configs")
+
+
+def options(group):
+    return sorted(p.name[:-5] for p in (CONFIGS / group).iterdir() if p.name.endswith(".yaml"))
+
+
+def test_the_default_is_the_papers_objective_on_the_bundled_photos():
+    cfg = compose_config()
+    assert cfg.data.name == "photos" and cfg.scale.mode == "learned" and cfg.loss == "logit_laplace"
+    assert cfg.strategy.name == "auto" and cfg.logger.name == "csv"
+    assert 2 ** (cfg.model.groups - 1) >= 4  # a real compressor: at most one token per 16 pixels
+    validate_config(cfg)
+
+
+@pytest.mark.parametrize("group", ["data", "model", "scale", "logger", "experiment"])
+def test_every_option_composes_and_validates(group):
+    for option in options(group):
+        overrides = [f"{group}={option}"]
+        if option == "folder":
+            overrides.append("data.root=/tmp")
+        cfg = compose_config(overrides)
+        validate_config(cfg)
+        if group in ("model", "scale"):
+            build_module(cfg) if option != "dalle" else None
+
+
+@pytest.mark.parametrize("strategy", options("strategy"))
+def test_strategies(strategy):
+    cfg = compose_config([f"strategy={strategy}"])
+    if strategy in ("fsdp", "deepspeed") and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=f"strategy={cfg.strategy.name} needs a CUDA GPU"):
+            validate_config(cfg)
+    else:
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
+def test_precisions(precision):
+    cfg = compose_config([f"precision={precision}"])
+    if precision == "16-mixed" and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="precision=16-mixed needs a CUDA GPU"):
+            validate_config(cfg)
+    else:
+        validate_config(cfg)
+
+
+def test_scale_sweep_values_compose():
+    for value in (0.05, 0.1, 0.2):
+        cfg = compose_config(["scale=constant", f"scale.value={value}"])
+        validate_config(cfg)
+        module = build_module(cfg)
+        assert module.scale(0) == value and not module.model.learned_scale
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["scale=constant", "scale.value=0"], "scale.value=0"),
+    (["scale=constant", "scale.value=-0.1"], "scale.value=-0.1"),
+    (["scale=linear", "scale.end=0"], "scale.end=0"),
+    (["scale.value=0.2"], "scale=constant"),
+    (["data.crop_size=30"], "data.crop_size=30"),
+    (["loss=huber"], "loss=huber"),
+    (["precision=8"], "precision=8"),
+])
+def test_bad_values_are_refused_with_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as error:
+        validate_config(compose_config(overrides))
+    assert str(error.value).count(". ") == 0 or str(error.value).endswith(".")
+
+
+@pytest.mark.parametrize("overrides", [
+    ["data=folder", "data.root=/nonexistent/images"],
+    ["data=mnist", "data.root=/nonexistent/datasets"],
+    ["data=cifar10", "data.root=/nonexistent/datasets"],
+])
+def test_missing_data_is_refused_before_training(overrides, tmp_path):
+    with pytest.raises(ConfigError, match="data.root"):
+        train(compose_config(overrides), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_empty_image_directory_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="data.root"):
+        train(compose_config(["data=folder", f"data.root={tmp_path / 'empty'}"]), run_dir=tmp_path / "run")

@@ -1,0 +1,143 @@
+import math
+
+import pytest
+import torch
+from scipy import integrate
+
+from dvae.losses import (
+    bits_per_dim,
+    logit_laplace_nll,
+    map_pixels,
+    nll_to_bits_per_dim,
+    psnr,
+    reconstruct,
+    reconstruction_loss,
+    unmap_pixels,
+)
+
+
+def reference_nll(x, mu, log_scale, eps):
+    """float64 reference from torch.distributions: Laplace log-density of logit(y) minus the
+    log-Jacobian of the sigmoid."""
+    x, mu, log_scale = (t.double() for t in (x, mu, log_scale))
+    y = (1 - 2 * eps) * x + eps
+    laplace = torch.distributions.Laplace(mu, log_scale.exp())
+    return -(laplace.log_prob(torch.logit(y)) - torch.log(y * (1 - y)))
+
+
+def laplace_cdf(z, mu, b):
+    return 0.5 + 0.5 * math.copysign(1.0, z - mu) * (1 - math.exp(-abs(z - mu) / b))
+
+
+def test_map_and_unmap_pixels():
+    x = torch.linspace(0, 1, 11)
+    y = map_pixels(x)
+    assert y.min().item() == pytest.approx(0.1) and y.max().item() == pytest.approx(0.9)
+    torch.testing.assert_close(unmap_pixels(y), x)
+    assert unmap_pixels(torch.tensor([0.0, 1.0])).tolist() == [0.0, 1.0]  # clamped
+    with pytest.raises(ValueError, match="eps"):
+        map_pixels(x, eps=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nll_matches_float64_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 8, 8, generator=g)
+    mu = torch.randn(4, 3, 8, 8, generator=g) * 3
+    log_scale = torch.randn(4, 3, 8, 8, generator=g)
+    got = logit_laplace_nll(x.to(dtype), mu.to(dtype), log_scale.to(dtype))
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got.double(), reference_nll(x, mu, log_scale, 0.1), rtol=tol, atol=tol)
+
+
+def test_nll_broadcasts_and_does_not_reduce():
+    x = torch.rand(2, 3, 4, 4)
+    out = logit_laplace_nll(x, torch.zeros(1, 3, 1, 1), torch.zeros(()))
+    assert out.shape == (2, 3, 4, 4)
+
+
+@pytest.mark.parametrize("mu, b", [(0.0, 1.0), (1.3, 0.2), (-2.0, 0.5), (0.4, 3.0)])
+@pytest.mark.parametrize("eps", [0.1, 0.0])
+def test_density_integrates_to_the_right_mass(mu, b, eps):
+    """exp(-nll) is the density of y = map_pixels(x): integrating it over x in [0, 1] (times the
+    Jacobian 1 - 2 eps) gives the Laplace mass between logit(eps) and logit(1 - eps); 1 for eps=0."""
+
+    def density_of_x(x):
+        nll = logit_laplace_nll(torch.tensor([x], dtype=torch.float64), torch.tensor(mu).double(),
+                                torch.tensor(math.log(b)).double(), eps)
+        return math.exp(-nll.item()) * (1 - 2 * eps)
+
+    peak = (1 / (1 + math.exp(-mu)) - eps) / (1 - 2 * eps)  # the kink of |logit(y) - mu|
+    mass, _ = integrate.quad(density_of_x, 0.0, 1.0, limit=400, points=[peak] if 0 < peak < 1 else None)
+    if eps == 0:
+        expected = 1.0
+    else:
+        lo, hi = math.log(eps / (1 - eps)), math.log((1 - eps) / eps)
+        expected = laplace_cdf(hi, mu, b) - laplace_cdf(lo, mu, b)
+    assert mass == pytest.approx(expected, abs=1e-6)
+
+
+def test_dropping_the_jacobian_terms_would_not_integrate_to_one():
+    """Guards the test above: the seed's formula (no log y + log(1-y)) is not a density on y."""
+
+    def seed_density(y):
+        return 0.5 * math.exp(-abs(math.log(y / (1 - y)))) / 1.0
+
+    mass, _ = integrate.quad(seed_density, 0.0, 1.0)
+    assert abs(mass - 1.0) > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_value_and_gradient_are_finite_for_extreme_finite_inputs(dtype):
+    x = torch.tensor([0.0, 1.0, 0.5, 1e-8, 1 - 1e-7, 0.25] * 4, dtype=dtype)
+    mu = torch.tensor([-60.0, 60.0, 0.0, 1e4, -1e4, 5.0] * 4, dtype=dtype).requires_grad_()
+    log_scale = torch.tensor([-20.0, -20.0, -20.0, 20.0, 20.0, 0.0] * 4, dtype=dtype).requires_grad_()
+    xs = x.clone().requires_grad_()
+    nll = logit_laplace_nll(xs, mu, log_scale)
+    assert torch.isfinite(nll).all()
+    nll.sum().backward()
+    for t in (xs, mu, log_scale):
+        assert torch.isfinite(t.grad).all()
+
+
+def test_bits_per_dim_is_the_discretised_likelihood_of_8bit_pixels():
+    """For a smooth density the probability of an 8-bit bin is density x bin width, so the bits
+    formula must match -log2 of the exact bin probability computed from the Laplace CDF."""
+    eps, mu, b = 0.1, 0.3, 0.8
+    for k in (3, 64, 128, 200, 251):
+        x = k / 255
+        nll = logit_laplace_nll(torch.tensor(x).double(), torch.tensor(mu).double(),
+                                torch.tensor(math.log(b)).double(), eps)
+        bits = nll_to_bits_per_dim(nll, eps).item()
+        lo, hi = x - 0.5 / 256, x + 0.5 / 256
+        to_z = lambda v: math.log(((1 - 2 * eps) * v + eps) / (1 - ((1 - 2 * eps) * v + eps)))  # noqa: E731
+        mass = laplace_cdf(to_z(hi), mu, b) - laplace_cdf(to_z(lo), mu, b)
+        assert bits == pytest.approx(-math.log2(mass), rel=2e-3)
+
+
+def test_bits_per_dim_of_a_batch_is_the_mean():
+    x = torch.rand(2, 3, 4, 4)
+    mu, ls = torch.randn_like(x), torch.randn_like(x) * 0.1
+    expected = nll_to_bits_per_dim(logit_laplace_nll(x, mu, ls).mean())
+    torch.testing.assert_close(bits_per_dim(x, mu, ls), expected)
+
+
+def test_l1_and_mse_compare_the_reconstruction_with_the_pixels():
+    x = torch.rand(2, 3, 4, 4)
+    mu = torch.logit(map_pixels(x))  # a perfect reconstruction
+    assert reconstruction_loss("l1", x, mu, None).max() < 1e-5
+    assert reconstruction_loss("mse", x, mu, None).max() < 1e-10
+    torch.testing.assert_close(reconstruct(mu), x, atol=1e-5, rtol=0)
+    off = mu + 1.0
+    assert reconstruction_loss("mse", x, off, None).mean() > 0.001
+    with pytest.raises(ValueError, match="loss='huber'"):
+        reconstruction_loss("huber", x, mu, None)
+
+
+def test_psnr_per_image():
+    x = torch.zeros(2, 3, 4, 4)
+    y = x.clone()
+    y[0] += 0.1
+    y[1] += 0.01
+    torch.testing.assert_close(psnr(x, y), torch.tensor([20.0, 40.0]))

@@ -1,0 +1,136 @@
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dvae.codebook import GumbelCodebook, gumbel_softmax, perplexity
+from dvae.model import DVAE
+
+TINY = dict(n_hid=16, blocks_per_group=1, groups=3, K=64, n_init=16)
+
+
+def preset(name):
+    from importlib.resources import files
+
+    return OmegaConf.to_container(OmegaConf.load(files("dvae.configs") / "model" / f"{name}.yaml"))
+
+
+@pytest.mark.parametrize("name, size", [("tiny", 32), ("small", 32), ("dalle", 64)])
+def test_every_preset_has_the_right_shapes(name, size):
+    cfg = preset(name)
+    cfg.pop("hard")
+    model = DVAE(**cfg).eval()
+    f = 2 ** (cfg["groups"] - 1)
+    x = torch.rand(1, 3, size, size)
+    with torch.no_grad():
+        logits = model.logits(x)
+        tokens = model.encode(x)
+        out = model.decode(tokens)
+    assert logits.shape == (1, cfg["K"], size // f, size // f)
+    assert tokens.shape == (1, size // f, size // f) and tokens.dtype == torch.int64
+    assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
+    assert model.codebook.shape == (cfg["K"], cfg["n_init"])
+
+
+def test_dalle_preset_is_the_papers_size():
+    model = DVAE(**{k: v for k, v in preset("dalle").items() if k != "hard"})
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model.encoder) == pytest.approx(53.8e6, rel=0.01)
+    assert count(model.decoder) == pytest.approx(43.8e6, rel=0.01)
+    assert model.downsampling == 8
+    assert "encoder.blocks.group_2.block_1.id_path.weight" in model.state_dict()
+
+
+def test_training_pass_outputs_mu_and_floored_log_scale():
+    model = DVAE(**TINY)
+    out = model(torch.rand(2, 3, 16, 16), tau=1.0)
+    assert out.logits.shape == (2, 64, 4, 4)
+    assert out.mu.shape == (2, 3, 16, 16) and out.log_scale.shape == (2, 3, 16, 16)
+    assert (out.log_scale >= model.log_scale_floor).all()
+    fixed = DVAE(**TINY, learned_scale=False)
+    assert fixed(torch.rand(2, 3, 16, 16)).log_scale is None
+    assert fixed.decoder.blocks.output.conv.out_channels == 3
+
+
+def test_log_scale_floor_holds_for_very_negative_raw_outputs():
+    model = DVAE(**TINY)
+    raw = torch.full((1, 6, 4, 4), -1e4)
+    _, log_scale = model.split_output(raw)
+    assert torch.allclose(log_scale, torch.full_like(log_scale, model.log_scale_floor))
+
+
+def test_decode_is_the_decoder_on_one_hot_codes():
+    """The fast lookup path equals the 1x1 convolution over a one-hot (the training path)."""
+    model = DVAE(**TINY).eval()
+    tokens = torch.randint(0, 64, (2, 4, 4))
+    one_hot = torch.nn.functional.one_hot(tokens, 64).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        torch.testing.assert_close(model.decoder.forward_tokens(tokens), model.decoder(one_hot),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_codebook_is_the_decoder_weight_itself():
+    model = DVAE(**TINY).eval()
+    tokens = torch.randint(0, 64, (1, 4, 4))
+    before = model.decode(tokens)
+    with torch.no_grad():
+        model.codebook.add_(1.0)
+    assert not torch.allclose(before, model.decode(tokens))
+
+
+@pytest.mark.parametrize("images, match", [
+    (torch.rand(3, 16, 16), "rank-3"),
+    (torch.rand(1, 1, 16, 16), "3 channels"),
+    (torch.randint(0, 255, (1, 3, 16, 16), dtype=torch.uint8), "floating point"),
+    (torch.rand(1, 3, 18, 16), "multiples of 4"),
+    ("not a tensor", "torch.Tensor"),
+])
+def test_wrong_images_are_refused_with_what_to_pass(images, match):
+    with pytest.raises(ValueError, match=match):
+        DVAE(**TINY).encode(images)
+
+
+@pytest.mark.parametrize("tokens, match", [
+    (torch.zeros(4, 4, dtype=torch.long), r"\[B, h, w\]"),
+    (torch.zeros(1, 4, 4), "integers"),
+    (torch.full((1, 4, 4), 64), r"\[0, 64\)"),
+    (torch.full((1, 4, 4), -1), r"\[0, 64\)"),
+])
+def test_wrong_tokens_are_refused(tokens, match):
+    with pytest.raises(ValueError, match=match):
+        DVAE(**TINY).decode(tokens)
+
+
+def test_gumbel_softmax_is_a_distribution_and_hard_is_one_hot():
+    logits = torch.randn(4, 10, 3, 3, requires_grad=True)
+    soft = gumbel_softmax(logits, tau=0.5)
+    torch.testing.assert_close(soft.sum(1), torch.ones(4, 3, 3))
+    hard = gumbel_softmax(logits, tau=0.5, hard=True)
+    assert set(hard.detach().unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(hard.sum(1), torch.ones(4, 3, 3))
+    hard.mul(torch.randn_like(hard)).sum().backward()
+    assert logits.grad.abs().sum() > 0  # straight-through gradient
+
+
+def test_gumbel_samples_follow_the_categorical():
+    """At a low temperature the sample's argmax is distributed as softmax(logits)."""
+    torch.manual_seed(0)
+    logits = torch.tensor([0.0, 1.0, 2.0]).log_softmax(0).view(1, 3, 1, 1).expand(20000, 3, 1, 1)
+    counts = torch.bincount(gumbel_softmax(logits, tau=0.1).argmax(1).flatten(), minlength=3)
+    torch.testing.assert_close(counts / 20000, torch.tensor([0.0, 1.0, 2.0]).softmax(0), atol=0.015, rtol=0)
+
+
+def test_codebook_eval_uses_argmax_and_kl_matches_formula():
+    book = GumbelCodebook(K=8).eval()
+    logits = torch.randn(2, 8, 3, 3)
+    z = book(logits, tau=1.0)
+    assert torch.equal(z.argmax(1), logits.argmax(1)) and torch.equal(z.sum(1), torch.ones(2, 3, 3))
+    q = logits.softmax(1)
+    torch.testing.assert_close(book.kl_to_uniform(logits), (q * (q * 8).log()).sum(1))
+    assert book.kl_to_uniform(torch.zeros(1, 8, 1, 1)).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="tau"):
+        book.train()(logits, tau=0.0)
+
+
+def test_perplexity():
+    assert perplexity(torch.tensor([5, 5, 5, 5])).item() == pytest.approx(4.0)
+    assert perplexity(torch.tensor([7, 0, 0])).item() == pytest.approx(1.0)

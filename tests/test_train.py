@@ -1,0 +1,121 @@
+"""End-to-end runs: in-process through `train(cfg)`, and the installed `dvae-train` command."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dvae.lightning import DVAELightning
+from dvae.train import train
+
+from .conftest import FAST
+
+DVAE_TRAIN = shutil.which("dvae-train", path=str(Path(sys.executable).parent)) or "dvae-train"
+METRIC_KEYS = {"psnr", "psnr_mean_color", "bits_per_dim", "perplexity", "codes_used_fraction",
+               "steps", "wall_seconds"}
+
+
+def run_cli(*args, cwd, timeout=240):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run([DVAE_TRAIN, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def check_run_dir(run_dir: Path, steps: int):
+    assert (run_dir / "config.yaml").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert METRIC_KEYS <= metrics.keys()
+    assert metrics["steps"] == steps
+    assert 0 < metrics["codes_used_fraction"] <= 1 and metrics["perplexity"] >= 1
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    grids = sorted((run_dir / "images").glob("val_step_*.png"))
+    assert grids, "no reconstruction grid was written"
+    with Image.open(grids[-1]) as image:
+        assert image.mode == "RGB" and image.height > 2 * 16
+    return metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["photos", "shapes"])
+def test_cli_trains_and_writes_the_run_directory(data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(f"data={data}", *FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = check_run_dir(run_dir, steps=4)
+    assert metrics["bits_per_dim"] > 0
+    assert str(run_dir) in result.stdout.replace("\n", "")  # the summary names the run directory
+    assert "psnr" in result.stdout
+    rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
+    logged = {k for row in rows for k, v in row.items() if v}
+    assert {"train/loss", "train/nll", "train/kl", "train/tau", "train/beta", "train/scale",
+            "train/lr", "val/psnr", "val/psnr_mean_color", "val/bits_per_dim",
+            "val/perplexity", "val/codes_used_fraction"} <= logged
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, key", [
+    (["data=imagenet3000"], "data"),
+    (["scale=constant", "scale.value=-1"], "scale.value=-1"),
+    (["data.crop_size=30"], "data.crop_size=30"),
+])
+def test_cli_bad_input_exits_nonzero_with_a_sentence(args, key, tmp_path):
+    result = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert key in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_cli_help_lists_groups_and_options(tmp_path):
+    result = run_cli("--help", cwd=tmp_path, timeout=60)
+    assert result.returncode == 0
+    for line in ("data: cifar10, folder, mnist, photos, shapes",
+                 "scale: constant, cosine, exponential, learned, linear",
+                 "strategy: auto, ddp, ddp_spawn, deepspeed, fsdp", "logger: csv, tensorboard, wandb"):
+        assert line in result.stdout
+
+
+def test_scheduled_scale_is_logged_and_follows_the_schedule(fast_config, tmp_path):
+    cfg = fast_config("scale=linear", "scale.start=0.4", "scale.end=0.1", "scale.steps=3", "data=shapes")
+    train(cfg, run_dir=tmp_path)
+    rows = [r for r in csv.DictReader(open(tmp_path / "logs" / "metrics.csv")) if r.get("train/scale")]
+    scales = [float(r["train/scale"]) for r in rows]
+    assert scales == pytest.approx([0.4, 0.3, 0.2, 0.1], rel=1e-5)
+
+
+def test_checkpoint_loads_from_its_path_alone(fast_config, tmp_path):
+    train(fast_config("data=shapes", "loss=l1"), run_dir=tmp_path)
+    module = DVAELightning.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert module.hparams.loss == "l1" and module.hparams.n_hid == 8
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["bits_per_dim"] is None  # only the logit-Laplace model is a density
+    x = torch.rand(2, 3, 32, 32)
+    assert module.ema_model.decode(module.ema_model.encode(x)).shape == x.shape
+
+
+def test_ema_differs_from_the_raw_weights_after_training(fast_config, tmp_path):
+    train(fast_config("data=shapes", "ema.decay=0.5"), run_dir=tmp_path)
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    raw, ema = state["model.encoder.blocks.input.weight"], state["ema.module.encoder.blocks.input.weight"]
+    assert not torch.equal(raw, ema)
+
+
+@pytest.mark.parametrize("logger, marker", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
+def test_other_loggers_write_their_files(logger, marker, fast_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    train(fast_config("data=shapes", f"logger={logger}"), run_dir=tmp_path)
+    written = [p for p in (tmp_path / marker).rglob("*") if p.is_file()]
+    assert written, f"{logger} wrote nothing under {tmp_path / marker}"
+    if logger == "tensorboard":
+        assert any("tfevents" in p.name for p in written)
+    assert (tmp_path / "metrics.json").is_file()
