@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 
@@ -14,9 +15,10 @@ class ReconstructionGrid(L.Callback):
     EMA model's reconstructions from argmax tokens (bottom row), for the same validation images
     every time. Also sends the grid to TensorBoard or wandb when one of them is the logger."""
 
-    def __init__(self, out_dir: str | Path, n_images: int = 8):
+    def __init__(self, out_dir: str | Path, n_images: int = 8, min_tile: int = 96):
         self.out_dir = Path(out_dir)
         self.n_images = n_images
+        self.min_tile = min_tile  # small crops are enlarged (nearest) so that people can see them
         self.images: torch.Tensor | None = None
         self.last_path: Path | None = None
 
@@ -31,7 +33,10 @@ class ReconstructionGrid(L.Callback):
         model = pl_module.ema_model
         x = self.images
         x_hat = model.decode(model.encode(x))
-        grid = make_grid(torch.cat([x, x_hat]).float().cpu(), nrow=x.shape[0], padding=2, pad_value=1.0)
+        tiles = torch.cat([x, x_hat]).float().cpu()
+        if tiles.shape[-1] < self.min_tile:
+            tiles = F.interpolate(tiles, scale_factor=-(-self.min_tile // tiles.shape[-1]), mode="nearest")
+        grid = make_grid(tiles, nrow=x.shape[0], padding=2, pad_value=1.0)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.last_path = self.out_dir / f"val_step_{trainer.global_step:06d}.png"
         save_image(grid, self.last_path)

@@ -145,7 +145,7 @@ def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="dvae-train: final validation (EMA weights, argmax tokens)")
+    table = Table(title="final validation")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
