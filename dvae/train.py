@@ -19,7 +19,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError
 from .losses import LOSSES
@@ -48,8 +48,8 @@ def validate_config(cfg: DictConfig) -> None:
     if mode == "learned":
         if cfg.scale.get("value") is not None:
             raise ConfigError(
-                f"scale.value={cfg.scale.value} has no effect with scale=learned (the decoder predicts "
-                "the scale); add scale=constant to train with a fixed scale."
+                f"scale.value={cfg.scale.value} contradicts scale=learned (the decoder predicts the scale); "
+                "drop scale=learned or use scale=constant to train with a fixed scale."
             )
     elif mode == "constant":
         if _number(cfg, "scale.value") <= 0:
@@ -85,6 +85,27 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"precision={cfg.precision} needs a CUDA GPU; use precision=bf16-mixed or 32 on a CPU.")
     if cfg.logger.name not in ("csv", "tensorboard", "wandb"):
         raise ConfigError(f"logger={cfg.logger.name} is not known; use logger=csv, tensorboard or wandb.")
+
+
+def apply_scale_shorthand(cfg: DictConfig, overrides: list[str]) -> None:
+    """`scale.value=V` on its own means a fixed scale V: with the default (learned) scale it
+    switches to scale=constant, so `dvae-train -m scale.value=0.05,0.1` just works. Only an explicit
+    `scale=learned` next to it is a contradiction, which `validate_config` reports."""
+    if cfg.scale.mode != "learned" or cfg.scale.get("value") is None:
+        return
+    if any(o.strip().lstrip("~+") == "scale=learned" for o in overrides):
+        return
+    with open_dict(cfg):
+        cfg.scale = {"mode": "constant", "value": cfg.scale.value}
+    print(f"dvae-train: scale.value={cfg.scale.value} given, so the scale is fixed (scale=constant).",
+          file=sys.stderr)
+
+
+def _command_line_overrides() -> list[str]:
+    try:
+        return list(hydra.core.hydra_config.HydraConfig.get().overrides.task)
+    except ValueError:  # not launched by Hydra (tests, notebooks)
+        return []
 
 
 def build_module(cfg: DictConfig):
@@ -165,6 +186,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     if run_dir is None:
         run_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
     run_dir = Path(run_dir)
+    apply_scale_shorthand(cfg, _command_line_overrides())
     validate_config(cfg)
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)

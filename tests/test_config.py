@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dvae.errors import ConfigError
-from dvae.train import build_module, train, validate_config
+from dvae.train import apply_scale_shorthand, build_module, train, validate_config
 
 from .conftest import compose_config
 
@@ -66,11 +66,22 @@ def test_scale_sweep_values_compose():
         assert module.scale(0) == value and not module.model.learned_scale
 
 
+def test_scale_value_alone_means_a_fixed_scale():
+    cfg = compose_config(["scale.value=0.05"])
+    apply_scale_shorthand(cfg, ["scale.value=0.05"])
+    assert cfg.scale.mode == "constant" and cfg.scale.value == 0.05
+    validate_config(cfg)
+    explicit = compose_config(["scale=learned", "scale.value=0.05"])
+    apply_scale_shorthand(explicit, ["scale=learned", "scale.value=0.05"])
+    with pytest.raises(ConfigError, match="contradicts scale=learned"):
+        validate_config(explicit)
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["scale=constant", "scale.value=0"], "scale.value=0"),
     (["scale=constant", "scale.value=-0.1"], "scale.value=-0.1"),
     (["scale=linear", "scale.end=0"], "scale.end=0"),
-    (["scale.value=0.2"], "scale=constant"),
+    (["scale=learned", "scale.value=0.2"], "scale=constant"),
     (["data.crop_size=30"], "data.crop_size=30"),
     (["loss=huber"], "loss=huber"),
     (["precision=8"], "precision=8"),

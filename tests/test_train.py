@@ -119,3 +119,16 @@ def test_other_loggers_write_their_files(logger, marker, fast_config, tmp_path, 
     if logger == "tensorboard":
         assert any("tfevents" in p.name for p in written)
     assert (tmp_path / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_cli_sweeps_the_scale_value(tmp_path):
+    """`-m scale.value=A,B` runs one fixed-scale job per value (scale=constant is implied)."""
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "scale.value=0.05,0.2", "data=shapes", *FAST, "trainer.max_steps=2",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, value in (("0", 0.05), ("1", 0.2)):
+        config = (sweep / job / "config.yaml").read_text()
+        assert "mode: constant" in config and f"value: {value}" in config
+        assert json.loads((sweep / job / "metrics.json").read_text())["steps"] == 2
