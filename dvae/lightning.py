@@ -16,6 +16,43 @@ from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE
 from .schedules import Schedule
 
 SCALE_MODES = ("learned", "constant", "linear", "cosine", "exponential")
+# `val/psnr_edges` counts the pixels whose Sobel gradient magnitude (of the original's luminance,
+# in intensity per pixel) is at least this: a step of 10% of the range across one pixel.
+EDGE_THRESHOLD = 0.1
+
+
+def sobel_magnitude(x: Tensor) -> Tensor:
+    """[B, C, H, W] images in [0, 1] -> [B, 1, H, W] gradient magnitude of their channel mean."""
+    gray = x.mean(dim=1, keepdim=True)
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device, dtype=x.dtype) / 8
+    kernels = torch.stack([kx, kx.t()]).unsqueeze(1)
+    grad = torch.nn.functional.conv2d(torch.nn.functional.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)
+    return grad.pow(2).sum(dim=1, keepdim=True).sqrt()
+
+
+class EdgePSNR(Metric):
+    """PSNR (dB) pooled over the pixels near strong edges of the originals, over the whole set.
+
+    A pixel counts (all its channels) when the Sobel magnitude of the original is >= threshold;
+    the squared error and the count are summed over batches (and ranks), NaN when no pixel counts.
+    """
+
+    def __init__(self, threshold: float = EDGE_THRESHOLD):
+        super().__init__()
+        self.threshold = threshold
+        self.add_state("sse", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, x: Tensor, x_hat: Tensor) -> None:
+        mask = (sobel_magnitude(x) >= self.threshold).expand_as(x)
+        self.sse += (x - x_hat).pow(2)[mask].sum().double()
+        self.count += mask.sum()
+
+    def compute(self) -> Tensor:
+        if self.count == 0:
+            return torch.tensor(float("nan"))
+        mse = (self.sse / self.count).clamp_min(1e-10)
+        return (10.0 * torch.log10(1.0 / mse)).float()
 
 
 class CodeCounts(Metric):
@@ -78,6 +115,7 @@ class DVAELightning(L.LightningModule):
             self.scale = Schedule(scale_mode, scale_start, scale_end, scale_steps)
         self.val_psnr = MeanMetric()
         self.val_psnr_mean_color = MeanMetric()
+        self.val_psnr_edges = EdgePSNR()
         self.val_bits_per_dim = MeanMetric()
         self.val_code_counts = CodeCounts(K)
 
@@ -128,6 +166,7 @@ class DVAELightning(L.LightningModule):
         mean_color = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
         self.val_psnr.update(psnr(x, x_hat))
         self.val_psnr_mean_color.update(psnr(x, mean_color))
+        self.val_psnr_edges.update(x, x_hat)
         self.val_code_counts.update(tokens)
         if self.hparams.loss == "logit_laplace":
             rec, kl, _ = self.elbo_terms(model, x, logits, mu, log_scale)
@@ -138,6 +177,7 @@ class DVAELightning(L.LightningModule):
         metrics = {
             "val/psnr": self.val_psnr.compute(),
             "val/psnr_mean_color": self.val_psnr_mean_color.compute(),
+            "val/psnr_edges": self.val_psnr_edges.compute(),
             "val/perplexity": perplexity(counts),
             "val/codes_used_fraction": (counts > 0).float().mean(),
         }
@@ -145,8 +185,8 @@ class DVAELightning(L.LightningModule):
             metrics["val/bits_per_dim"] = self.val_bits_per_dim.compute()
         self.log_dict(metrics, prog_bar=False)
         self.log("val_psnr", metrics["val/psnr"], prog_bar=True, logger=False)
-        for metric in (self.val_psnr, self.val_psnr_mean_color, self.val_bits_per_dim,
-                       self.val_code_counts):
+        for metric in (self.val_psnr, self.val_psnr_mean_color, self.val_psnr_edges,
+                       self.val_bits_per_dim, self.val_code_counts):
             metric.reset()
 
     def configure_optimizers(self):

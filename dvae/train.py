@@ -4,15 +4,19 @@
     dvae-train scale=constant scale.value=0.2    # the seed's fixed scale
     dvae-train -m scale=constant scale.value=0.05,0.1,0.2
     dvae-train model=dalle data=folder data.root=/data/images trainer.devices=8 strategy=ddp
+    dvae-train hparams_search=scale_optuna       # needs pip install -e '.[sweep]'
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
 import time
+import traceback
 import warnings
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,12 @@ from .schedules import KINDS
 
 PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 GPU_ONLY_STRATEGIES = ("fsdp", "deepspeed", "deepspeed_stage_2", "deepspeed_stage_3")
+# what `train` can return to a sweeper (`optimized_metric`), and which way is better
+OPTIMIZABLE = {"psnr": "maximize", "psnr_edges": "maximize", "bits_per_dim": "minimize",
+               "perplexity": "maximize", "codes_used_fraction": "maximize"}
+# Hydra plugins behind the `sweep` extra: the config option they provide -> their module
+SWEEP_PLUGINS = {"hydra/sweeper": ("optuna", "hydra_plugins.hydra_optuna_sweeper"),
+                 "hydra/launcher": ("submitit", "hydra_plugins.hydra_submitit_launcher")}
 
 
 # Noise from Lightning's internals on current torch; nothing a user can act on.
@@ -85,6 +95,83 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"precision={cfg.precision} needs a CUDA GPU; use precision=bf16-mixed or 32 on a CPU.")
     if cfg.logger.name not in ("csv", "tensorboard", "wandb"):
         raise ConfigError(f"logger={cfg.logger.name} is not known; use logger=csv, tensorboard or wandb.")
+    metric = cfg.get("optimized_metric", "psnr")
+    if metric not in OPTIMIZABLE:
+        raise ConfigError(f"optimized_metric={metric} is not known; use one of {', '.join(OPTIMIZABLE)}.")
+    if metric == "bits_per_dim" and cfg.loss != "logit_laplace":
+        raise ConfigError(
+            f"optimized_metric=bits_per_dim needs loss=logit_laplace (loss={cfg.loss} is not a density); "
+            "use optimized_metric=psnr."
+        )
+
+
+def _hydra_config():
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def in_multirun() -> bool:
+    """True inside a Hydra multirun job (any sweeper, any launcher)."""
+    from hydra.types import RunMode
+
+    hydra_cfg = _hydra_config()
+    return hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
+
+
+def validate_sweep(cfg: DictConfig, multirun: bool | None = None) -> None:
+    """Refuse what no job of a sweep can do; called before the first job trains."""
+    multirun = in_multirun() if multirun is None else multirun
+    if not multirun:
+        return
+    if cfg.strategy.name == "ddp":
+        raise ConfigError(
+            "strategy=ddp cannot run inside a multirun (-m): it re-launches the whole command and so the sweep; "
+            "use strategy=ddp_spawn, or one device per job (strategy=auto trainer.devices=1)."
+        )
+    hydra_cfg = _hydra_config()
+    sweeper = hydra_cfg.sweeper if hydra_cfg is not None else {}
+    direction = sweeper.get("direction") if "optuna" in str(sweeper.get("_target_", "")) else None
+    metric = cfg.get("optimized_metric", "psnr")
+    if isinstance(direction, str) and direction != OPTIMIZABLE.get(metric, direction):
+        raise ConfigError(
+            f"hydra.sweeper.direction={direction} with optimized_metric={metric} optimises the wrong way; "
+            f"use hydra.sweeper.direction={OPTIMIZABLE[metric]}."
+        )
+
+
+def _needed_plugin(group: str, option: str) -> str | None:
+    for prefix, (name, module) in SWEEP_PLUGINS.items():
+        if group == prefix and option.startswith(name):
+            return module
+    return None
+
+
+def check_sweep_extra(overrides: list[str]) -> None:
+    """Name the optional extra when a command-line choice needs a Hydra plugin that is missing.
+
+    Without this Hydra would only say that e.g. 'hydra/sweeper/optuna' is not in its search path.
+    """
+    needed = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        options = [v.strip() for v in value.split(",") if v.strip()]
+        if key in SWEEP_PLUGINS:
+            needed += [(override, _needed_plugin(key, v)) for v in options]
+        elif key == "hparams_search":
+            for option in options:
+                path = resources.files("dvae.configs") / "hparams_search" / f"{option}.yaml"
+                text = path.read_text() if path.is_file() else ""
+                for line in text.splitlines():
+                    group, _, choice = line.replace("override", "").strip(" -/").partition(":")
+                    needed.append((override, _needed_plugin(group.strip().lstrip("/"), choice.strip())))
+    for override, module in needed:
+        if module is not None and importlib.util.find_spec(module) is None:
+            package = module.split(".")[-1].replace("_", "-")
+            raise ConfigError(
+                f"{override} needs the {package} plugin, which is not installed; "
+                "install the optional extra with pip install -e '.[sweep]' (from the dvae checkout)."
+            )
 
 
 def apply_scale_shorthand(cfg: DictConfig, overrides: list[str]) -> None:
@@ -152,14 +239,14 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
                         config=OmegaConf.to_container(cfg, resolve=True))]
 
 
-def close_loggers(loggers: list) -> None:
+def close_loggers(loggers: list, status: str = "success") -> None:
     """Finish every logger, so that one multirun job never leaks into the next."""
     for logger in loggers:
-        logger.finalize("success")
+        logger.finalize(status)
         if type(logger).__name__ == "WandbLogger":
             import wandb
 
-            wandb.finish()
+            wandb.finish(exit_code=0 if status == "success" else 1)
 
 
 def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
@@ -177,7 +264,8 @@ def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
-    """Train one dVAE; returns the final validation PSNR (what sweepers optimise)."""
+    """Train one dVAE; returns the final validation value of `cfg.optimized_metric` (default psnr),
+    what sweepers optimise (NaN where the run has no such value)."""
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
     from .callbacks import ReconstructionGrid
@@ -208,15 +296,18 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         callbacks=callbacks, default_root_dir=run_dir, enable_progress_bar=bool(cfg.progress_bar),
     )
     start = time.perf_counter()
+    status = "failed"
     try:
         trainer.fit(module, datamodule=datamodule)
         wall = time.perf_counter() - start
         final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        status = "success"
     finally:
-        close_loggers(loggers)
+        close_loggers(loggers, status)
     metrics = {
         "psnr": final["val/psnr"],
         "psnr_mean_color": final["val/psnr_mean_color"],
+        "psnr_edges": final.get("val/psnr_edges"),
         "bits_per_dim": final.get("val/bits_per_dim"),
         "perplexity": final["val/perplexity"],
         "codes_used_fraction": final["val/codes_used_fraction"],
@@ -226,16 +317,55 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print_summary(metrics, run_dir)
-    return float(metrics["psnr"])
+    value = metrics[cfg.get("optimized_metric", "psnr")]
+    return float("nan") if value is None else float(value)
+
+
+def record_failure(job_dir: Path, error: BaseException) -> None:
+    """Mark a sweep job as failed: `status.json` (read by dvae-report) and the traceback in `error.txt`."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    message = str(error) or type(error).__name__
+    status = {"status": "failed", "error": f"{type(error).__name__}: {message}"}
+    (job_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    (job_dir / "error.txt").write_text(text)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://dvae.configs", config_name="train")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
+    """One run, or one job of a sweep. A job that fails is recorded in its directory and re-raised:
+    Hydra's launchers go on with the next job and the sweep exits non-zero at the end."""
     try:
-        return train(cfg)
+        validate_sweep(cfg)
+    except ConfigError as error:  # the same for every job: stop the sweep now
+        print(f"dvae-train: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if not in_multirun():
+        try:
+            return train(cfg)
+        except ConfigError as error:
+            print(f"dvae-train: error: {error}", file=sys.stderr)
+            sys.exit(2)
+    job_dir = Path(_hydra_config().runtime.output_dir)
+    try:
+        value = train(cfg, job_dir)
+    except Exception as error:
+        if isinstance(error, ConfigError):
+            print(f"dvae-train: error: {error}", file=sys.stderr)
+        record_failure(job_dir, error)
+        raise
+    (job_dir / "status.json").write_text(json.dumps({"status": "finished"}, indent=2) + "\n")
+    return value
+
+
+def main() -> None:
+    """`dvae-train`: checks the optional sweep plugins first, then hands over to Hydra."""
+    try:
+        check_sweep_extra(sys.argv[1:])
     except ConfigError as error:
         print(f"dvae-train: error: {error}", file=sys.stderr)
         sys.exit(2)
+    hydra_main()
 
 
 if __name__ == "__main__":

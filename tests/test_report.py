@@ -1,0 +1,107 @@
+"""dvae-report on fixture directories, and the edge-aware PSNR it compares."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from dvae.lightning import EdgePSNR, sobel_magnitude
+from dvae.report import main, write_report
+
+METRICS = {"psnr": 21.5, "psnr_mean_color": 18.25, "psnr_edges": 15.75, "bits_per_dim": 6.5,
+           "perplexity": 30.0, "codes_used_fraction": 0.125, "steps": 300, "wall_seconds": 42.0}
+
+
+def make_job(directory, overrides, metrics=None, status=None, config=True):
+    directory.mkdir(parents=True)
+    (directory / ".hydra").mkdir()
+    (directory / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if config:
+        (directory / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "scale": {"mode": "constant"}}))
+    if metrics is not None:
+        (directory / "metrics.json").write_text(metrics if isinstance(metrics, str) else json.dumps(metrics))
+    if status is not None:
+        (directory / "status.json").write_text(json.dumps(status))
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    sweep = tmp_path / "multirun"
+    common = ["scale=constant", "data=shapes"]
+    make_job(sweep / "0", ["scale.value=0.05", *common], METRICS)
+    make_job(sweep / "1", ["scale.value=0.2", *common])                            # still running
+    make_job(sweep / "2", ["scale.value=0.4", *common], metrics='{"psnr": 2')      # half-written
+    make_job(sweep / "3", ["scale.value=0.8", *common],
+             status={"status": "failed", "error": "RuntimeError: out of memory"})
+    make_job(sweep / "10", ["scale.value=1.6", *common], {**METRICS, "psnr": 25.0, "bits_per_dim": None})
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    (sweep / ".submitit").mkdir()
+    return sweep
+
+
+def test_report_tabulates_finished_jobs_and_lists_the_others(sweep_dir, capsys):
+    main([str(sweep_dir)])
+    text = (sweep_dir / "report.md").read_text()
+    assert text in capsys.readouterr().out  # the table is printed too
+    assert "5 job(s): 2 finished, 1 failed, 2 unfinished." in text
+    assert "Common overrides: `scale=constant data=shapes`." in text
+    header = ("| job | scale.value | PSNR | mean-colour PSNR | edge PSNR | bits/dim | perplexity | codes used "
+              "| steps | wall s |")
+    assert header in text
+    assert "| 0 | 0.05 | 21.50 | 18.25 | 15.75 | 6.500 | 30.0 | 0.125 | 300 | 42.0 |" in text
+    assert "| 10 | 1.6 | 25.00 | 18.25 | 15.75 | – |" in text  # jobs in numeric order, no bits/dim for L1/MSE
+    assert text.index("| 0 |") < text.index("| 10 |")
+    assert "- job 3 (scale.value=0.8): RuntimeError: out of memory" in text
+    assert "- job 1 (scale.value=0.2)" in text and "- job 2 (scale.value=0.4)" in text
+    assert "| 1 |" not in text and "| 2 |" not in text
+    with Image.open(sweep_dir / "report.png") as image:
+        assert image.format == "PNG" and image.width > 400
+
+
+def test_report_averages_over_seeds(tmp_path):
+    sweep = tmp_path / "multirun"
+    for i, (loss, seed, psnr) in enumerate([("l1", 0, 20.0), ("l1", 1, 22.0), ("mse", 0, 19.0), ("mse", 1, 19.0)]):
+        make_job(sweep / str(i), [f"loss={loss}", f"seed={seed}"], {**METRICS, "psnr": psnr})
+    text = write_report(sweep, make_plot=True)
+    assert "Mean ± standard deviation over seeds (loss):" in text
+    assert "| l1 | 2 | 21.00 ± 1.41 |" in text and "| mse | 2 | 19.00 ± 0.00 |" in text
+    assert (sweep / "report.png").is_file()
+
+
+def test_report_on_a_single_run_directory(tmp_path):
+    run = tmp_path / "run"
+    make_job(run, ["data=shapes"], METRICS)
+    text = write_report(run, make_plot=True)
+    assert "1 job(s): 1 finished" in text and "| run | 21.50 |" in text
+    assert (run / "report.png").is_file()
+
+
+def test_report_on_a_directory_without_runs_says_what_to_pass(tmp_path, capsys):
+    for path in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(path)])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert error.startswith("dvae-report: error: ") and "multirun/DATE/TIME" in error
+
+
+def test_edge_psnr_counts_only_pixels_near_strong_gradients():
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., 8:] = 1.0  # one vertical hard edge between columns 7 and 8
+    magnitude = sobel_magnitude(x)[0, 0]
+    assert magnitude[:, 7:9].min() == pytest.approx(0.5) and magnitude[:, :6].max() == 0
+    blurred = x.clone()
+    blurred[..., 7:9] = 0.5                      # error 0.5 on the two edge columns only
+    flat_error = x.clone()
+    flat_error[..., :4] = 0.5                    # the same error far from the edge
+    metric = EdgePSNR()
+    metric.update(x, blurred)
+    assert metric.compute().item() == pytest.approx(10 * torch.log10(torch.tensor(4.0)).item(), rel=1e-5)
+    metric.reset()
+    metric.update(x, flat_error)
+    assert metric.compute().item() == pytest.approx(100.0)  # error clamped at 1e-10: no edge pixel is off
+    metric.reset()
+    metric.update(torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8))
+    assert torch.isnan(metric.compute())  # no edge at all
