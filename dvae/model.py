@@ -129,6 +129,23 @@ class DVAE(nn.Module):
         floor = self.log_scale_floor
         return mu, floor + F.softplus(raw - floor)
 
+    @classmethod
+    def from_pretrained(cls, path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> DVAE:
+        """The model of an export directory (dvae-export or `save_pretrained`), in eval mode on
+        `device`: torch alone rebuilds it, without Hydra, Lightning or the training checkpoint."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(path, device=device, dtype=dtype)[0]
+
+    def save_pretrained(self, path, format: str = "safetensors", force: bool = False,
+                        metadata: dict | None = None) -> None:
+        """Write an export directory `from_pretrained` reads back (format: safetensors, npy or pt);
+        refuses a non-empty directory unless `force`."""
+        from .pretrained import save_pretrained
+
+        save_pretrained(self, path, format=format, force=force, metadata=metadata)
+
     def forward(self, images: Tensor, tau: float = 1.0) -> DVAEOutput:
         """One training pass: logits, a Gumbel-softmax sample at temperature tau, and the
         decoder's distribution parameters."""

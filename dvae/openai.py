@@ -155,3 +155,40 @@ def load_openai(encoder_path: str | Path, decoder_path: str | Path, log_scale_fl
     if missing or unexpected:
         raise ValueError(f"the official tensors do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}.")
     return model.eval()
+
+
+def import_main(argv: list[str] | None = None) -> int:
+    """`dvae-import-openai`: official pickles -> an export directory `dvae-train init_from=` reads."""
+    import argparse
+    import sys
+
+    from .errors import ConfigError
+    from .pretrained import file_sha256
+
+    parser = argparse.ArgumentParser(
+        prog="dvae-import-openai",
+        description="Convert the official DALL·E dVAE (encoder.pkl, decoder.pkl, or state dicts with the "
+                    "official key names) into a dvae export directory, without the dall_e package.",
+    )
+    parser.add_argument("--encoder", required=True, help="encoder.pkl (or an official-format state dict)")
+    parser.add_argument("--decoder", required=True, help="decoder.pkl (or an official-format state dict)")
+    parser.add_argument("--out", required=True, help="the export directory to write")
+    parser.add_argument("--format", default="safetensors", choices=("safetensors", "npy", "pt"))
+    parser.add_argument("--force", action="store_true", help="replace an existing export in --out")
+    args = parser.parse_args(argv)
+    try:
+        model = load_openai(args.encoder, args.decoder)
+        model.save_pretrained(args.out, format=args.format, force=args.force, metadata={
+            "source": "openai", "encoder_sha256": file_sha256(args.encoder),
+            "decoder_sha256": file_sha256(args.decoder)})
+    except (ValueError, FileNotFoundError, ConfigError) as error:
+        print(f"dvae-import-openai: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: K={model.K}, downsampling {model.downsampling}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
+          f"fine-tune with: dvae-train init_from={args.out} ...")
+    return 0
+
+
+def import_cli() -> None:
+    raise SystemExit(import_main())

@@ -195,6 +195,34 @@ def _command_line_overrides() -> list[str]:
         return []
 
 
+def load_init_from(cfg: DictConfig):
+    """`init_from=DIR` starts from an export directory (dvae-export, dvae-import-openai). Its
+    architecture replaces the `model.*` keys, so the command line need not repeat it."""
+    if not cfg.get("init_from"):
+        return None
+    from .model import DVAE
+    from .pretrained import architecture
+
+    path = Path(str(cfg.init_from)).expanduser()
+    if not (path / "dvae.json").is_file():
+        raise ConfigError(f"init_from={path} is not an export directory (it has no dvae.json); pass a "
+                          "directory written by dvae-export or dvae-import-openai.")
+    pretrained = DVAE.from_pretrained(path)
+    arch = architecture(pretrained)
+    if arch["channels"] != cfg.data.channels:
+        raise ConfigError(f"init_from={path} has {arch['channels']} channels but data={cfg.data.name} has "
+                          f"{cfg.data.channels}; pick data with {arch['channels']} channels.")
+    learned = cfg.loss == "logit_laplace" and cfg.scale.mode == "learned"
+    if arch["learned_scale"] != learned:
+        need = "scale=learned loss=logit_laplace" if arch["learned_scale"] else "a fixed scale or loss=l1/mse"
+        raise ConfigError(f"init_from={path} was exported {'with' if arch['learned_scale'] else 'without'} a "
+                          f"learned scale (its decoder's output differs); train it with {need}.")
+    with open_dict(cfg):
+        for key in ("n_hid", "blocks_per_group", "groups", "K", "n_init"):
+            cfg.model[key] = arch[key]
+    return pretrained
+
+
 def build_module(cfg: DictConfig):
     """The LightningModule from the config: every hyper-parameter is a primitive."""
     from .lightning import DVAELightning
@@ -275,6 +303,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         run_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
     run_dir = Path(run_dir)
     apply_scale_shorthand(cfg, _command_line_overrides())
+    pretrained = load_init_from(cfg)
     validate_config(cfg)
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -282,6 +311,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg)
+    if pretrained is not None:
+        module.model.load_state_dict(pretrained.state_dict())
+        module.ema.module.load_state_dict(pretrained.state_dict())
     loggers = build_loggers(cfg, run_dir)
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
                                   monitor="val/psnr", mode="max", save_last=True,

@@ -123,3 +123,72 @@ def test_a_truncated_file_is_a_clear_error(tmp_path):
     (tmp_path / "other.pkl").write_bytes(pickle.dumps({"weights": [1, 2]}))
     with pytest.raises(ValueError):
         read_official(tmp_path / "other.pkl")
+
+
+def test_import_cli_writes_an_export_that_matches_the_official_model(tmp_path, capsys):
+    from dvae.openai import import_main
+
+    enc, dec = official_pair()
+    torch.save(enc, tmp_path / "encoder.pkl")
+    torch.save(dec, tmp_path / "decoder.pkl")
+    args = ["--encoder", str(tmp_path / "encoder.pkl"), "--decoder", str(tmp_path / "decoder.pkl"),
+            "--out", str(tmp_path / "export")]
+    assert import_main(args) == 0
+    assert "init_from=" in capsys.readouterr().out
+    ours = DVAE.from_pretrained(tmp_path / "export")
+    assert ours.learned_scale and ours.K == 512
+    assert max(max_diffs(ours, enc, dec)) <= 1e-5  # raw decoder output: the floor acts after it
+    assert import_main(args) == 2  # refuses to overwrite
+    assert "--force" in capsys.readouterr().err
+    assert import_main([*args, "--force"]) == 0
+
+
+def test_fine_tuning_from_an_imported_model_runs_and_its_loss_is_finite(tmp_path):
+    import csv
+
+    from dvae.openai import import_main
+    from dvae.train import train
+
+    from .conftest import FAST, compose_config
+
+    enc, dec = official_pair()
+    torch.save(enc, tmp_path / "encoder.pkl")
+    torch.save(dec, tmp_path / "decoder.pkl")
+    assert import_main(["--encoder", str(tmp_path / "encoder.pkl"), "--decoder", str(tmp_path / "decoder.pkl"),
+                        "--out", str(tmp_path / "export")]) == 0
+    cfg = compose_config([*FAST, "data=shapes", f"init_from={tmp_path / 'export'}"])
+    before = DVAE.from_pretrained(tmp_path / "export")
+    train(cfg, run_dir=tmp_path / "run")
+    assert (cfg.model.n_hid, cfg.model.groups, cfg.model.K) == (64, 4, 512)  # taken from the export
+    losses = [float(r["train/loss"]) for r in csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv"))
+              if r.get("train/loss")]
+    assert len(losses) == 4 and all(map(torch.isfinite, torch.tensor(losses)))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    tuned = state["state_dict"]["model.encoder.blocks.input.weight"]
+    start = before.state_dict()["encoder.blocks.input.weight"]
+    assert not torch.equal(tuned, start) and (tuned - start).abs().max() < 0.1  # it started from the import
+
+
+def test_init_from_a_missing_directory_is_refused(tmp_path):
+    from dvae.errors import ConfigError
+    from dvae.train import train
+
+    from .conftest import compose_config
+
+    with pytest.raises(ConfigError, match="init_from=.*no dvae.json"):
+        train(compose_config([f"init_from={tmp_path}"]), run_dir=tmp_path / "run")
+
+
+def test_export_in_the_official_format_loads_into_dall_e(tmp_path):
+    from dvae.export import main as export_main
+    from dvae.lightning import DVAELightning
+
+    system = DVAELightning(n_hid=64, blocks_per_group=1, groups=4, K=512, n_init=32, log_scale_floor=NO_FLOOR)
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams),
+                "global_step": 0}, ckpt)
+    assert export_main([str(ckpt), "--format", "openai", "--out", str(tmp_path / "official")]) == 0
+    enc, dec = official_pair()
+    enc.load_state_dict(torch.load(tmp_path / "official" / "encoder.pt", weights_only=True))
+    dec.load_state_dict(torch.load(tmp_path / "official" / "decoder.pt", weights_only=True))
+    assert max(max_diffs(system.ema_model.eval(), enc, dec)) <= 1e-5

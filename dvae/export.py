@@ -1,0 +1,229 @@
+"""`dvae-export`: a training checkpoint -> an export directory that `DVAE.from_pretrained` reads.
+
+    dvae-export outputs/2025-01-01/12-00-00 --out exports/tiny              # best.ckpt, EMA weights
+    dvae-export run/checkpoints/last.ckpt --out exports/tiny --format npy --weights raw
+
+The checkpoint is read with torch alone (weights_only=True: no code in it runs, and Lightning is not
+imported); the model is rebuilt from its hyper-parameters exactly as `DVAELightning` builds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE
+from .pretrained import FORMATS, check_out_dir, file_sha256, save_pretrained
+
+WEIGHTS = {"ema": "ema.module.", "raw": "model."}
+CHECKPOINTS = ("best", "last")
+
+
+def resolve_checkpoint(source: str | Path, which: str = "best") -> Path:
+    """A .ckpt file as given, or `checkpoints/{which}.ckpt` of a run directory (or of the
+    checkpoints directory itself). best.ckpt is the best by validation PSNR, last.ckpt the latest."""
+    if which not in CHECKPOINTS:
+        raise ConfigError(f"--checkpoint {which} is not known; use best or last.")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist; pass a run directory of dvae-train or a .ckpt file.")
+    if path.is_file():
+        return path
+    for candidate in (path / "checkpoints" / f"{which}.ckpt", path / f"{which}.ckpt"):
+        if candidate.is_file():
+            return candidate
+    found = sorted(p.name for p in (path / "checkpoints").glob("*.ckpt")) + sorted(p.name for p in path.glob("*.ckpt"))
+    hint = f" (it has {', '.join(found)}; pick one with --checkpoint or pass the file)" if found else ""
+    raise ConfigError(
+        f"{path} has no checkpoints/{which}.ckpt{hint}; pass a run directory written by dvae-train or a .ckpt file."
+    )
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many kinds on a damaged or foreign file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"{path} could not be read as a training checkpoint ({reason}); pass a .ckpt written by dvae-train."
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ConfigError(
+            f"{path} is not a dvae-train checkpoint (no state_dict or hyper_parameters); pass a .ckpt written "
+            f"by dvae-train."
+        )
+    return checkpoint
+
+
+def model_kwargs(hp: dict[str, Any]) -> dict[str, Any]:
+    """`DVAE` arguments from `DVAELightning`'s hyper-parameters (the same rule it applies)."""
+    learned = hp.get("loss", "logit_laplace") == "logit_laplace" and hp.get("scale_mode", "learned") == "learned"
+    return {
+        "channels": hp.get("channels", 3), "n_hid": hp["n_hid"], "blocks_per_group": hp["blocks_per_group"],
+        "groups": hp["groups"], "K": hp["K"], "n_init": hp["n_init"], "learned_scale": learned,
+        "log_scale_floor": hp.get("log_scale_floor", DEFAULT_LOG_SCALE_FLOOR),
+        "eps": hp.get("pixel_eps", 0.1), "hard": hp.get("hard", False),
+    }
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], weights: str = "ema", path: Path | None = None) -> DVAE:
+    """The checkpoint's EMA (or raw) `DVAE`, in eval mode on the CPU."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"--weights {weights} is not known; use ema or raw.")
+    prefix = WEIGHTS[weights]
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        other = "raw" if weights == "ema" else "ema"
+        raise ConfigError(f"{path or 'the checkpoint'} holds no {weights} weights ({prefix}*); try --weights {other}.")
+    try:
+        model = DVAE(**model_kwargs(checkpoint["hyper_parameters"]))
+    except KeyError as error:
+        raise ConfigError(
+            f"{path or 'the checkpoint'} lacks the hyper-parameter {error.args[0]}; pass a .ckpt written by dvae-train."
+        ) from error
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        names = [*result.missing_keys, *result.unexpected_keys][:6]
+        raise ConfigError(
+            f"{path or 'the checkpoint'}'s {weights} weights do not fit the model its hyper-parameters describe "
+            f"({', '.join(names)}); pass a .ckpt written by this version of dvae-train."
+        )
+    return model.eval()
+
+
+def run_config(checkpoint_path: Path) -> dict[str, Any]:
+    """The run's config.yaml (next to checkpoints/), when there is one: the training crop size and data."""
+    config = checkpoint_path.resolve().parent.parent / "config.yaml"
+    if not config.is_file():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def scale_at(hp: dict[str, Any], step: int) -> float | None:
+    """The Laplace scale b the model was trained with at `step`; None when the decoder predicts it."""
+    mode = hp.get("scale_mode", "learned")
+    if hp.get("loss", "logit_laplace") != "logit_laplace" or mode == "learned":
+        return None
+    if mode == "constant":
+        return float(hp.get("scale_value", 0.1))
+    from .schedules import Schedule
+
+    return float(Schedule(mode, hp["scale_start"], hp["scale_end"], hp["scale_steps"])(step))
+
+
+def export(source: str | Path, out: str | Path, format: str = "safetensors", weights: str = "ema",
+           checkpoint: str = "best", force: bool = False) -> Path:
+    """Export a run directory's (or a .ckpt file's) model into `out`; returns `out`.
+    `format="openai"` writes `encoder.pt` and `decoder.pt` instead: state dicts with the official
+    key names, for `dall_e.Encoder` / `dall_e.Decoder`."""
+    if format == "openai":
+        return export_openai(source, out, weights, checkpoint, force)
+    if format not in FORMATS:
+        raise ConfigError(f"--format {format} is not known; use one of {', '.join(FORMATS)}.")
+    if weights not in WEIGHTS:
+        raise ConfigError(f"--weights {weights} is not known; use ema or raw.")
+    path = resolve_checkpoint(source, checkpoint)
+    out = Path(out)
+    check_out_dir(out, force)  # before reading anything large
+    ckpt = read_checkpoint(path)
+    model = model_from_checkpoint(ckpt, weights, path)
+    hp = dict(ckpt["hyper_parameters"])
+    run = run_config(path)
+    data = run.get("data") if isinstance(run.get("data"), dict) else {}
+    step = int(ckpt.get("global_step", 0))
+    metadata = {
+        "loss": hp.get("loss", "logit_laplace"),
+        "scale_mode": hp.get("scale_mode", "learned"),
+        "scale": scale_at(hp, step),
+        "image_size": data.get("crop_size"),
+        "training": {"step": step, "epoch": ckpt.get("epoch"), "weights": weights, "data": data.get("name"),
+                     "ema_decay": hp.get("ema_decay")},
+        "source": {"checkpoint": str(path.resolve()), "sha256": file_sha256(path),
+                   "lightning_version": ckpt.get("pytorch-lightning_version")},
+    }
+    save_pretrained(model, out, format=format, force=force, metadata=metadata)
+    return out
+
+
+def export_openai(source: str | Path, out: str | Path, weights: str = "ema", checkpoint: str = "best",
+                  force: bool = False) -> Path:
+    from .openai import to_official
+    from .pretrained import atomic_write
+
+    path = resolve_checkpoint(source, checkpoint)
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"--out {out} is not empty; choose a new directory or pass --force to replace "
+                          "encoder.pt and decoder.pt there.")
+    model = model_from_checkpoint(read_checkpoint(path), weights, path)
+    if model.groups != 4 or not model.learned_scale:
+        raise ConfigError(f"{path} cannot be written in the official format: dall_e's modules have 4 groups and "
+                          f"a learned scale, this model has {model.groups} groups and "
+                          f"{'a learned' if model.learned_scale else 'a fixed'} scale.")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, state in zip(("encoder.pt", "decoder.pt"), to_official(model)):
+        atomic_write(out / name, lambda f, state=state: torch.save(state, f))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dvae-export",
+        description="Export a trained dVAE (codebook, encoder, decoder, dvae.json) from a dvae-train run "
+                    "directory or checkpoint, for DVAE.from_pretrained, dvae-encode and dvae-decode.",
+    )
+    parser.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT",
+                        help="a run directory of dvae-train, its checkpoints/ directory, or a .ckpt file")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the export directory to write")
+    parser.add_argument("--format", default="safetensors", choices=(*FORMATS, "openai"),
+                        help="tensor file format (default: safetensors); openai: encoder.pt and decoder.pt "
+                             "state dicts with the official dall_e key names")
+    parser.add_argument("--weights", default="ema", choices=tuple(WEIGHTS),
+                        help="the EMA weights (validated during training; default) or the raw ones")
+    parser.add_argument("--checkpoint", default="best", choices=CHECKPOINTS,
+                        help="for a run directory: best (by validation PSNR; default) or last")
+    parser.add_argument("--force", action="store_true", help="replace the export files in a non-empty --out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        out = export(args.source, args.out, args.format, args.weights, args.checkpoint, args.force)
+        if args.format == "openai":
+            print(f"wrote {out / 'encoder.pt'} and {out / 'decoder.pt'} (official dall_e key names)")
+            return 0
+        from .pretrained import read_config
+
+        config = read_config(out)
+    except ConfigError as error:
+        print(f"dvae-export: error: {error}", file=sys.stderr)
+        return 2
+    source = config["source"]
+    files = ", ".join(f"{name} ({(out / name).stat().st_size / 1e6:.2f} MB)" for name in config["files"].values())
+    print(f"exported {source['checkpoint']} (step {config['training']['step']}, {args.weights} weights, "
+          f"sha256 {source['sha256'][:12]}) to {out} in {time.perf_counter() - start:.1f} s")
+    print(f"  codebook [K, D] = [{config['K']}, {config['D']}], {config['downsampling']}x{config['downsampling']} "
+          f"pixels per token; files: dvae.json, {files}")
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

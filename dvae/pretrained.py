@@ -1,0 +1,313 @@
+"""The export format: a directory a `DVAE` can be rebuilt from with torch alone (no Hydra, no Lightning).
+
+    dvae.json              everything needed to rebuild the model, and where it came from
+    codebook.<ext>         `codebook`, [K, D]: the decoder's input projection, stored once
+    model.<ext>            every other encoder.* and decoder.* tensor
+
+<ext> is safetensors (default), npy (`codebook.npy` and `model.npz`) or pt (torch.save state dicts,
+read back with weights_only=True). The model file does not hold `decoder.blocks.input.weight`: on load
+that weight is the codebook file's tensor, transposed, so the exported codebook is the one the decoder
+uses, and editing it changes what the decoder draws.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import __version__
+from .errors import ConfigError
+from .model import DVAE
+
+FORMAT_NAME = "dvae"
+FORMAT_VERSION = 1
+CONFIG_FILE = "dvae.json"
+FORMATS = ("safetensors", "npy", "pt")
+FILE_NAMES = {
+    "safetensors": {"model": "model.safetensors", "codebook": "codebook.safetensors"},
+    "npy": {"model": "model.npz", "codebook": "codebook.npy"},
+    "pt": {"model": "model.pt", "codebook": "codebook.pt"},
+}
+CODEBOOK_KEY = "codebook"
+# The decoder's input projection, [D, K, 1, 1]: exported only as the codebook, [K, D].
+CODEBOOK_WEIGHT = "decoder.blocks.input.weight"
+# Every file name an export may write: `--force` replaces these and nothing else.
+EXPORT_FILES = (CONFIG_FILE, *(name for names in FILE_NAMES.values() for name in names.values()))
+
+
+def architecture(model: DVAE) -> dict[str, Any]:
+    """The `DVAE(**kwargs)` that rebuilds `model`, read off the module itself."""
+    blocks = [name for name in model.encoder.blocks.group_1._modules if name.startswith("block_")]
+    return {
+        "channels": model.channels,
+        "n_hid": model.encoder.blocks.input.out_channels,
+        "blocks_per_group": len(blocks),
+        "groups": model.groups,
+        "K": model.K,
+        "n_init": model.decoder.blocks.input.out_channels,
+        "learned_scale": bool(model.learned_scale),
+        "log_scale_floor": float(model.log_scale_floor),
+        "eps": float(model.eps),
+        "hard": bool(model.quantizer.hard),
+    }
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write through a temporary file in the same directory, then rename: a reader never sees half a
+    file, and an interrupted write leaves the old file (or none) in place."""
+    path = Path(path)
+    # Not tempfile.mkstemp: its files are private (0600); these get the usual permissions (umask).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def check_out_dir(out: Path, force: bool, what: str = "--out") -> None:
+    """Refuse to write into a non-empty directory unless `force`: nothing the user had is overwritten
+    by accident. Called before any expensive work."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{what} {out} is a file, not a directory; choose a directory path.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(
+            f"{what} {out} is not empty; choose a new directory, or pass --force to write into it (files of the "
+            f"same names are replaced)."
+        )
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def _write_tensors(path: Path, fmt: str, tensors: dict[str, Tensor]) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        data = save(tensors, metadata={"format": "pt"})
+        atomic_write(path, lambda f: f.write(data))
+    elif fmt == "pt":
+        atomic_write(path, lambda f: torch.save(tensors, f))
+    elif path.suffix == ".npz":
+        arrays = {k: v.numpy() for k, v in tensors.items()}
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+    else:  # one .npy holds one tensor: the codebook
+        (array,) = (v.numpy() for v in tensors.values())
+        atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def save_pretrained(model: DVAE, out: str | Path, format: str = "safetensors", force: bool = False,
+                    metadata: dict[str, Any] | None = None) -> Path:
+    """Write `model` as an export directory; `metadata` (training step, source checkpoint, ...) is
+    merged into dvae.json. Returns dvae.json's path."""
+    if format not in FORMATS:
+        raise ConfigError(f"format {format!r} is not known; use one of {', '.join(FORMATS)}.")
+    out = Path(out)
+    check_out_dir(out, force)
+    out.mkdir(parents=True, exist_ok=True)
+    names = FILE_NAMES[format]
+    state = model.state_dict()
+    codebook = model.codebook.detach()
+    tensors = {k: v for k, v in state.items() if k != CODEBOOK_WEIGHT}
+    arch = architecture(model)
+    config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "dvae_version": __version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "model": arch,
+        "K": arch["K"],
+        "D": arch["n_init"],
+        "channels": arch["channels"],
+        "downsampling": model.downsampling,
+        "pixel_eps": arch["eps"],
+        "learned_scale": arch["learned_scale"],
+        **(metadata or {}),
+        "tensor_format": format,
+        "dtype": str(codebook.dtype).removeprefix("torch."),
+        "files": dict(names),
+    }
+    # A half-replaced directory must not look like a valid export: dvae.json goes first and comes last.
+    (out / CONFIG_FILE).unlink(missing_ok=True)
+    _write_tensors(out / names["codebook"], format, {CODEBOOK_KEY: codebook})
+    _write_tensors(out / names["model"], format, tensors)
+    for stale in EXPORT_FILES:  # files of an earlier export in another format
+        if stale not in names.values() and stale != CONFIG_FILE:
+            (out / stale).unlink(missing_ok=True)
+    write_json(out / CONFIG_FILE, config)
+    return out / CONFIG_FILE
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """dvae.json of an export directory, checked enough that the model can be built from it."""
+    path = Path(path)
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is a file, not a directory"
+        raise ConfigError(f"model directory {path} {what}; pass a directory written by dvae-export.")
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise ConfigError(
+            f"{path} has no {CONFIG_FILE}, so it is not a complete dvae export; export the model again "
+            f"with dvae-export (or DVAE.save_pretrained)."
+        )
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{file} is not valid JSON ({error}); export the model again.") from error
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        raise ConfigError(f"{file} is not a dvae export description; export the model again with dvae-export.")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise ConfigError(
+            f"{file} has format version {config['format_version']}, newer than this dvae "
+            f"({__version__}) reads; upgrade dvae."
+        )
+    if config.get("tensor_format") not in FORMATS or not isinstance(config.get("files"), dict):
+        raise ConfigError(f"{file} names no tensor format or files; export the model again.")
+    if not isinstance(config.get("model"), dict):
+        raise ConfigError(f"{file} has no 'model' section (the architecture); export the model again.")
+    return config
+
+
+def _read_tensors(path: Path, fmt: str) -> dict[str, Tensor]:
+    """All tensors of one file; any failure to parse it becomes one sentence naming the file."""
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} is missing (dvae.json lists it); the export is incomplete: export the model again."
+        )
+    try:
+        if fmt == "safetensors":
+            from safetensors.torch import load
+
+            return dict(load(path.read_bytes()))
+        if fmt == "pt":
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
+                raise ValueError("it does not hold a dict of tensors")
+            return data
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as arrays:
+                return {k: torch.from_numpy(np.array(arrays[k])) for k in arrays.files}
+        return {CODEBOOK_KEY: torch.from_numpy(np.load(path, allow_pickle=False))}
+    except ConfigError:
+        raise
+    except Exception as error:  # noqa: BLE001 - every reader fails differently on a damaged file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"{path} could not be read as {fmt} ({reason}): the file is truncated or corrupted; "
+            f"export the model again."
+        ) from error
+
+
+def _listing(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_state(path: Path, config: dict[str, Any], expected: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The model's state dict from the export files, with the codebook as the decoder's input weight.
+
+    `expected` is a (meta-device) state dict of the model dvae.json describes; every missing,
+    unexpected or wrongly shaped tensor is named in the error."""
+    fmt, files = config["tensor_format"], config["files"]
+    codebook_file = path / files.get("codebook", FILE_NAMES[fmt]["codebook"])
+    model_file = path / files.get("model", FILE_NAMES[fmt]["model"])
+    codebook_tensors = _read_tensors(codebook_file, fmt)
+    state = _read_tensors(model_file, fmt)
+    if CODEBOOK_KEY not in codebook_tensors:
+        raise ConfigError(
+            f"{codebook_file} holds no tensor named '{CODEBOOK_KEY}' (found: "
+            f"{_listing(sorted(codebook_tensors)) or 'none'}); export the model again."
+        )
+    weight = expected[CODEBOOK_WEIGHT]
+    K, D = weight.shape[1], weight.shape[0]
+    codebook = codebook_tensors[CODEBOOK_KEY]
+    if tuple(codebook.shape) != (K, D):
+        raise ConfigError(
+            f"{codebook_file}: 'codebook' has shape {list(codebook.shape)} but dvae.json describes "
+            f"[K, D] = [{K}, {D}]; the files do not belong together: export the model again."
+        )
+    problems = []
+    missing = sorted(set(expected) - set(state) - {CODEBOOK_WEIGHT})
+    unexpected = sorted(set(state) - set(expected) | ({CODEBOOK_WEIGHT} & set(state)))
+    if missing:
+        problems.append(f"missing {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_listing(unexpected)}")
+    shapes = [f"{k} {list(state[k].shape)} (expected {list(expected[k].shape)})"
+              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if shapes:
+        problems.append(f"mismatched shapes {_listing(shapes, 3)}")
+    if problems:
+        raise ConfigError(
+            f"{model_file} does not match the model in dvae.json: {'; '.join(problems)}; "
+            f"export the model again."
+        )
+    state[CODEBOOK_WEIGHT] = codebook.t().reshape(weight.shape).contiguous()
+    bad = sorted(k for k, v in state.items() if not v.is_floating_point() or not torch.isfinite(v).all())
+    if bad:
+        raise ConfigError(
+            f"{path} holds non-finite or non-float values in {_listing(bad)} (a damaged file, or a "
+            f"diverged model); export a good checkpoint again."
+        )
+    return state
+
+
+def from_pretrained(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> tuple[DVAE, dict[str, Any]]:
+    """(model in eval mode on `device`, its dvae.json). Built on the meta device and then given the
+    loaded tensors, so no time is spent on a random initialisation that would be thrown away."""
+    path = Path(path)
+    config = read_config(path)
+    try:
+        with torch.device("meta"):
+            model = DVAE(**config["model"])
+    except TypeError as error:
+        raise ConfigError(f"{path / CONFIG_FILE}: the 'model' section does not describe a DVAE ({error}); "
+                          f"export the model again.") from error
+    state = load_state(path, config, model.state_dict())
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval(), config
+
+
+def fingerprint(path: str | Path) -> str:
+    """SHA-256 over an export's architecture and tensor files: tokens made by different weights (an
+    edited codebook included) never get mixed up."""
+    path = Path(path)
+    config = read_config(path)
+    digest = hashlib.sha256(json.dumps(config["model"], sort_keys=True).encode())
+    for role in sorted(config["files"]):
+        digest.update(role.encode())
+        digest.update(file_sha256(path / config["files"][role]).encode())
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+

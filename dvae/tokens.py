@@ -1,0 +1,629 @@
+"""`dvae-encode` and `dvae-decode`: images -> token grids on disk -> images, with an exported model.
+
+    dvae-encode --model exports/tiny --data photos/ --out tokens/        # any tree of image files
+    dvae-encode --model exports/tiny --data shapes --split val --out tokens/   # a data config
+    dvae-decode --model exports/tiny --tokens tokens/ --out decoded/ [--grid]
+
+A TOKENS directory holds:
+
+    shard_00000.npy ...   [N, h, w] token grids (uint16 when K <= 65536), `--shard-size` images each
+    index.jsonl           one line per image: {"i", "shard", "row", "source"} (the source file's path
+                          relative to the image folder, or NAME/SPLIT/INDEX for a data config)
+    meta.json             the model's fingerprint, K, grid size, image size and the data it came from
+
+Each shard is written whole (temporary file + rename) before its index lines are appended, so a run
+that stops leaves only complete shards, and the same command continues from the first missing one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .data.common import center_crop, resize, to_unit_float
+from .data.folder import IMAGE_EXTENSIONS, find_images, read_rgb
+from .errors import ConfigError
+from .pretrained import atomic_write, check_out_dir, fingerprint, from_pretrained, write_json
+
+SHARD_NAME = "shard_{:05d}.npy"
+INDEX_FILE = "index.jsonl"
+META_FILE = "meta.json"
+CONTACT_SHEET = "contact_sheet.png"
+DATA_CONFIGS = ("photos", "shapes", "mnist", "cifar10")
+GREY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma, for 1-channel models
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def token_dtype(K: int) -> np.dtype:
+    """The smallest unsigned type that holds every token: uint16 for K <= 65536."""
+    return np.dtype(np.uint16) if K <= 2**16 else np.dtype(np.uint32)
+
+
+def prepare_image(image: Tensor, size: int, channels: int = 3) -> Tensor:
+    """uint8 [3, H, W] -> float [channels, size, size] in [0, 1]: the shorter side resized to `size`
+    (antialiased bilinear), then the centre square. What dvae-encode feeds the model."""
+    _, height, width = image.shape
+    scale = size / min(height, width)
+    image = resize(image, max(size, round(height * scale)), max(size, round(width * scale)))
+    x = to_unit_float(center_crop(image, size))
+    if channels == 1 and x.shape[0] == 3:
+        x = (x * GREY[:, None, None]).sum(dim=0, keepdim=True)
+    return x
+
+
+def load_image(path: str | Path, size: int, channels: int = 3) -> Tensor:
+    """An image file as dvae-encode sees it: float [channels, size, size] in [0, 1]."""
+    return prepare_image(read_rgb(Path(path)), size, channels)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Images in [0, 1] -> uint8, round(255 x): the values the PNGs of dvae-decode hold."""
+    return images.detach().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+
+def save_png(image: Tensor, path: Path) -> None:
+    """uint8 or [0, 1] float [C, H, W] -> an 8-bit PNG, written atomically."""
+    from PIL import Image
+
+    if image.is_floating_point():
+        image = to_uint8(image)
+    array = image.permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: picture.save(f, format="PNG", optimize=True))
+
+
+class FolderImages(Dataset[Tensor]):
+    """Every image file under a folder, in sorted order, prepared by `load_image`."""
+
+    def __init__(self, paths: list[Path], size: int, channels: int):
+        self.paths, self.size, self.channels = paths, size, channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return load_image(self.paths[index], self.size, self.channels)
+
+
+def _parse_options(options: list[str]) -> dict[str, Any]:
+    import yaml
+
+    parsed = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--data-option {option!r} is not KEY=VALUE; write e.g. --data-option root=/data/mnist.")
+        parsed[key.strip().removeprefix("data.")] = yaml.safe_load(value)
+    return parsed
+
+
+def open_images(data: str, size: int, channels: int, split: str = "val",
+                options: list[str] | dict[str, Any] = ()) -> tuple[Dataset, list[str], dict[str, Any]]:
+    """(dataset of [C, size, size] images, one source name per image, a description for meta.json).
+
+    `data` is an image folder, a data config name (photos, shapes, mnist, cifar10, folder) or a
+    data config .yaml file; a config's `split` (val or train) is read through `build_datamodule`."""
+    path = Path(data).expanduser()
+    if path.is_dir():
+        paths, seen = find_images(path)
+        if not paths:
+            raise ConfigError(
+                f"--data {data} contains no image files ({seen} files seen; accepted: "
+                f"{', '.join(IMAGE_EXTENSIONS)}); pass a folder of images or a data config name."
+            )
+        sources = [p.relative_to(path).as_posix() for p in paths]
+        return FolderImages(paths, size, channels), sources, {"kind": "folder", "root": str(path.resolve())}
+    if data == "folder":
+        raise ConfigError("--data folder: pass the image directory itself, e.g. --data /data/images.")
+    if split not in ("val", "train"):
+        raise ConfigError(f"--split {split} is not known; use val or train.")
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        config_file, name = path, path.stem
+    elif data in DATA_CONFIGS:
+        config_file, name = files("dvae.configs") / "data" / f"{data}.yaml", data
+    else:
+        raise ConfigError(
+            f"--data {data} is neither a folder of images nor a data config; pass a directory or one of "
+            f"{', '.join(DATA_CONFIGS)}."
+        )
+    import yaml
+
+    from .data import build_datamodule
+
+    cfg = yaml.safe_load(config_file.read_text()) or {}
+    opts = options if isinstance(options, dict) else _parse_options(list(options))
+    cfg.update(opts)
+    cfg["crop_size"] = size
+    datamodule = build_datamodule(cfg, seed=int(cfg.get("seed") or 0))
+    dataset = datamodule.val_set if split == "val" else datamodule.train_set
+    if datamodule.channels != channels:
+        raise ConfigError(
+            f"--data {data} has {datamodule.channels}-channel images but the model reads {channels}; "
+            f"use a model trained on this kind of data."
+        )
+    label = cfg.get("name", name)
+    sources = [f"{label}/{split}/{i:06d}" for i in range(len(dataset))]
+    spec = {"kind": "config", "name": str(data if path.suffix in (".yaml", ".yml") else name),
+            "split": split, "options": opts}
+    return dataset, sources, spec
+
+
+def _image_size(config: dict[str, Any], size: int | None, model_dir: Path) -> int:
+    f = config["downsampling"]
+    if size is None:
+        size = config.get("image_size")
+        if size is None:
+            raise ConfigError(f"{model_dir}/dvae.json records no training image size; pass --size (a multiple of {f}).")
+    if not isinstance(size, int) or size < f or size % f:
+        suggestion = max(f, round(size / f) * f) if isinstance(size, (int, float)) else f * 8
+        raise ConfigError(
+            f"--size {size} is not a positive multiple of the model's downsampling factor {f}; "
+            f"use e.g. --size {suggestion}."
+        )
+    return size
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ConfigError(f"--device {device} is not a device; use auto, cpu, cuda or cuda:N.") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} needs a CUDA GPU and none is available; use --device cpu.")
+    return resolved
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:,.1f} images/s" if speed else "- images/s")
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                    disable=not enabled)
+
+
+# --------------------------------------------------------------------------------------------- encode
+
+
+def _read_index(out: Path) -> list[dict[str, Any]]:
+    """The index lines up to the first broken one (a run stopped while appending)."""
+    records = []
+    index = out / INDEX_FILE
+    if not index.exists():
+        return records
+    for line in index.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not isinstance(record, dict) or not {"i", "shard", "row", "source"} <= record.keys():
+            break
+        records.append(record)
+    return records
+
+
+def _completed(out: Path) -> tuple[int, int]:
+    """(images, shards) in complete shards: the shard file on disk and every one of its index lines.
+    Leftovers of an interrupted run after them (a torn index line, a shard without its index lines)
+    are removed, so that the run continues right after the last complete shard."""
+    records = _read_index(out)
+    done = shard = 0
+    while (out / SHARD_NAME.format(shard)).is_file():
+        try:
+            n = np.load(out / SHARD_NAME.format(shard), mmap_mode="r").shape[0]
+        except (OSError, ValueError):
+            break
+        block = records[done:done + n]
+        if len(block) != n or any(r["shard"] != shard or r["row"] != k or r["i"] != done + k
+                                  for k, r in enumerate(block)):
+            break
+        done, shard = done + n, shard + 1
+    index = out / INDEX_FILE
+    if index.exists() and len([line for line in index.read_text().splitlines() if line.strip()]) != done:
+        text = "".join(json.dumps(r) + "\n" for r in records[:done])
+        atomic_write(index, lambda f: f.write(text.encode()))
+    for partial in out.glob(".shard_*.tmp"):  # a shard being written when the run was killed
+        partial.unlink()
+    for stale in out.glob("shard_*.npy"):
+        if not stale.stem.split("_")[-1].isdigit() or int(stale.stem.split("_")[-1]) >= shard:
+            stale.unlink()
+    return done, shard
+
+
+def _clear(out: Path) -> None:
+    """Remove what an earlier dvae-encode wrote in `out` (and nothing else)."""
+    for path in [*out.glob("shard_*.npy"), *out.glob(".shard_*.tmp"), out / INDEX_FILE, out / META_FILE]:
+        path.unlink(missing_ok=True)
+
+
+def encode_dataset(model_dir: str | Path, data: str, out: str | Path, size: int | None = None,
+                   split: str = "val", batch_size: int = 64, shard_size: int = 1024, device: str = "auto",
+                   workers: int = 0, force: bool = False, data_options: list[str] | dict[str, Any] = (),
+                   progress: bool = True) -> dict[str, Any]:
+    """Encode every image of `data` into token shards under `out`, continuing an interrupted run.
+
+    Returns the final meta.json."""
+    model_dir, out = Path(model_dir), Path(out)
+    for name, value, least in (("--batch-size", batch_size, 1), ("--shard-size", shard_size, 1),
+                               ("--workers", workers, 0)):
+        if not isinstance(value, int) or value < least:
+            raise ConfigError(f"{name} {value} must be an integer of at least {least}.")
+    if not (out / META_FILE).is_file():
+        check_out_dir(out, force)  # a folder of something else: refuse before any work
+    dev = resolve_device(device)
+    model, config = from_pretrained(model_dir, device=dev)
+    size = _image_size(config, size, model_dir)
+    dataset, sources, spec = open_images(data, size, model.channels, split, data_options)
+    K, f = model.K, model.downsampling
+    meta = {
+        "model": {"path": str(model_dir.resolve()), "fingerprint": fingerprint(model_dir), "K": K,
+                  "downsampling": f, "checkpoint_sha256": (config.get("source") or {}).get("sha256")},
+        "image_size": size,
+        "grid": [size // f, size // f],
+        "dtype": token_dtype(K).name,
+        "shard_size": shard_size,
+        "data": spec,
+        "num_images": len(sources),
+        "sources_sha256": hashlib.sha256("\n".join(sources).encode()).hexdigest(),
+    }
+    done = shard = 0
+    if (out / META_FILE).is_file() and not force:
+        try:
+            previous = json.loads((out / META_FILE).read_text())
+        except json.JSONDecodeError:
+            previous = {}
+        differs = [key for key in meta if _comparable(previous.get(key), key) != _comparable(meta[key], key)]
+        if differs:
+            raise ConfigError(
+                f"--out {out} holds tokens made with a different {', '.join(differs)}; to continue it, repeat "
+                f"the earlier command exactly, else pass a new --out, or --force to start over there."
+            )
+        done, shard = _completed(out)
+    else:
+        check_out_dir(out, force)
+        out.mkdir(parents=True, exist_ok=True)
+        _clear(out)
+        write_json(out / META_FILE, {**meta, "complete": False})
+    total = len(sources)
+    start = time.perf_counter()
+    if done < total:
+        if done:
+            print(f"dvae-encode: continuing after {done} of {total} images already in {out}", file=sys.stderr)
+        loader = DataLoader(Subset(dataset, range(done, total)), batch_size=batch_size, num_workers=workers)
+        pending: list[np.ndarray] = []
+        position = done
+        dtype = token_dtype(K)
+        with _progress(progress) as bar, torch.inference_mode():
+            task = bar.add_task("encoding", total=total, completed=done)
+            for images in loader:
+                tokens = model.encode(images.to(dev, non_blocking=True)).cpu().numpy().astype(dtype)
+                pending.append(tokens)
+                bar.advance(task, len(tokens))
+                buffered = sum(len(t) for t in pending)
+                while buffered >= shard_size or (buffered and position + buffered == total):
+                    block = np.concatenate(pending)
+                    n = min(shard_size, len(block))
+                    _write_shard(out, shard, block[:n], sources[position:position + n], position)
+                    pending = [block[n:]] if n < len(block) else []
+                    position, shard, buffered = position + n, shard + 1, len(block) - n
+    elapsed = time.perf_counter() - start
+    meta = {**meta, "complete": True}
+    write_json(out / META_FILE, meta)
+    encoded = total - done
+    rate = f", {encoded / elapsed:,.1f} images/s" if encoded and elapsed > 0 else ""
+    print(f"dvae-encode: {total} token grids of {meta['grid'][0]}x{meta['grid'][1]} in {out} "
+          f"({encoded} encoded now in {elapsed:.1f} s{rate})", file=sys.stderr)
+    return meta
+
+
+def _comparable(value: Any, key: str) -> Any:
+    """meta.json values that must match to continue a run (the export may have moved: not its path)."""
+    if key == "model" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "path"}
+    return value
+
+
+def _write_shard(out: Path, shard: int, tokens: np.ndarray, sources: list[str], first: int) -> None:
+    """The shard file first (atomically), then its index lines: an index line is never ahead of its data."""
+    atomic_write(out / SHARD_NAME.format(shard), lambda f: np.save(f, tokens, allow_pickle=False))
+    lines = "".join(json.dumps({"i": first + row, "shard": shard, "row": row, "source": source}) + "\n"
+                    for row, source in enumerate(sources))
+    with open(out / INDEX_FILE, "a") as index:
+        index.write(lines)
+        index.flush()
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def iter_tokens(path: str | Path) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
+    """(tokens [n, h, w], index records) per shard of a TOKENS directory, or once for a .npy file
+    of [N, h, w] (or one [h, w]) token grids."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            tokens = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"--tokens {path} could not be read as a .npy file ({error}).") from error
+        tokens = tokens[None] if tokens.ndim == 2 else tokens
+        if tokens.ndim != 3 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ConfigError(
+                f"--tokens {path} holds a {tokens.dtype} array of shape {list(tokens.shape)}; it must hold "
+                f"integer token grids [N, h, w]."
+            )
+        yield tokens, [{"i": i, "source": f"{i:06d}"} for i in range(len(tokens))]
+        return
+    if not (path / INDEX_FILE).is_file():
+        raise ConfigError(
+            f"--tokens {path} has no {INDEX_FILE}; pass a directory written by dvae-encode or a .npy file."
+        )
+    records = _read_index(path)
+    by_shard: dict[int, list[dict[str, Any]]] = {}
+    for record in records:
+        by_shard.setdefault(record["shard"], []).append(record)
+    for shard, rows in sorted(by_shard.items()):
+        file = path / SHARD_NAME.format(shard)
+        try:
+            tokens = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"{file} could not be read ({error}); run dvae-encode again with the same arguments to redo it."
+            ) from error
+        yield tokens[[r["row"] for r in rows]], rows
+
+
+def count_tokens(path: str | Path) -> int:
+    """How many token grids `iter_tokens` yields, without reading them."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            shape = np.load(path, mmap_mode="r").shape
+        except (OSError, ValueError):
+            return 0  # iter_tokens says what is wrong
+        return 1 if len(shape) == 2 else shape[0]
+    return len(_read_index(path)) if (path / INDEX_FILE).is_file() else 0
+
+
+def load_tokens(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """All token grids of a TOKENS directory (or .npy file) as one [N, h, w] array, and the source of
+    each: what a transformer trains on."""
+    arrays, sources = [], []
+    for tokens, records in iter_tokens(path):
+        arrays.append(tokens)
+        sources += [r["source"] for r in records]
+    if not arrays:
+        raise ConfigError(f"--tokens {path} holds no token grids yet; run dvae-encode first.")
+    return np.concatenate(arrays), sources
+
+
+# --------------------------------------------------------------------------------------------- decode
+
+
+def _png_name(source: str, i: int, taken: set[str]) -> str:
+    """The decoded image's path under --out: the source's relative path with .png (or the index)."""
+    candidate = Path(source)
+    if candidate.is_absolute() or ".." in candidate.parts or not candidate.name:
+        name = f"{i:06d}.png"
+    else:
+        name = candidate.with_suffix(".png").as_posix() if candidate.suffix else f"{candidate.as_posix()}.png"
+    if name in taken:
+        name = f"{name[:-4]}_{i}.png"
+    taken.add(name)
+    return name
+
+
+def _originals(tokens_dir: Path, channels: int) -> tuple[Dataset, dict[str, Any]]:
+    meta_file = tokens_dir / META_FILE
+    if not meta_file.is_file():
+        raise ConfigError("--originals needs a TOKENS directory written by dvae-encode (with its meta.json).")
+    meta = json.loads(meta_file.read_text())
+    spec = meta["data"]
+    data = spec["root"] if spec["kind"] == "folder" else spec["name"]
+    dataset, _, _ = open_images(data, meta["image_size"], channels, spec.get("split", "val"), spec.get("options", {}))
+    return dataset, meta
+
+
+def decode_tokens(model_dir: str | Path, tokens: str | Path, out: str | Path, grid: bool = False,
+                  limit: int | None = None, batch_size: int = 64, nrow: int = 8, originals: bool = False,
+                  device: str = "auto", force: bool = False, progress: bool = True) -> Path:
+    """Decode token grids to PNGs under `out`, or (grid) to one contact sheet. Returns what was written."""
+    model_dir, tokens, out = Path(model_dir), Path(tokens), Path(out)
+    if not tokens.exists():
+        raise ConfigError(f"--tokens {tokens} does not exist; pass a directory written by dvae-encode or a .npy file.")
+    for name, value in (("--batch-size", batch_size), ("--nrow", nrow), ("--limit", 1 if limit is None else limit)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} {value} must be a positive integer.")
+    if originals and not grid:
+        raise ConfigError("--originals only applies to --grid; add --grid.")
+    if grid and out.suffix.lower() == ".png":
+        sheet = out
+        if sheet.exists() and not force:
+            raise ConfigError(f"--out {sheet} exists; choose a new file name or pass --force to replace it.")
+    else:
+        check_out_dir(out, force)
+        sheet = out / CONTACT_SHEET
+    if grid and limit is None:
+        limit = 64
+    dev = resolve_device(device)
+    model = from_pretrained(model_dir, device=dev)[0]
+    source_set = _originals(tokens, model.channels)[0] if originals else None
+    total = count_tokens(tokens)
+    total = min(total, limit) if limit else total
+    tiles, originals_list, written, taken = [], [], 0, set()
+    with _progress(progress) as bar, torch.inference_mode():
+        task = bar.add_task("decoding", total=total or None)
+        for array, records in iter_tokens(tokens):
+            if limit is not None:
+                array, records = array[: limit - written], records[: limit - written]
+            for start in range(0, len(array), batch_size):
+                chunk = torch.from_numpy(array[start:start + batch_size].astype(np.int64)).to(dev)
+                rows = records[start:start + batch_size]
+                try:
+                    images = to_uint8(model.decode(chunk))
+                except ValueError as error:
+                    raise ConfigError(f"--tokens {tokens} does not fit --model {model_dir}: {error}") from error
+                if grid:
+                    tiles.append(images)
+                    if source_set is not None:
+                        originals_list += [to_uint8(source_set[r["i"]]) for r in rows]
+                else:
+                    for image, record in zip(images, rows):
+                        save_png(image, out / _png_name(record["source"], record["i"], taken))
+                written += len(rows)
+                bar.advance(task, len(rows))
+            if limit is not None and written >= limit:
+                break
+    if written == 0:
+        raise ConfigError(f"--tokens {tokens} holds no token grids; run dvae-encode first.")
+    if not grid:
+        print(f"dvae-decode: {written} images in {out}", file=sys.stderr)
+        return out
+    save_png(contact_sheet(torch.cat(tiles), originals_list, nrow), sheet)
+    print(f"dvae-decode: a contact sheet of {written} images in {sheet}", file=sys.stderr)
+    return sheet
+
+
+def contact_sheet(decoded: Tensor, originals: list[Tensor] | None = None, nrow: int = 8) -> Tensor:
+    """uint8 [N, C, H, W] -> one uint8 image, `nrow` per row on white; with originals, each row of
+    originals sits above the row of their decodings."""
+    from torchvision.utils import make_grid
+
+    tiles = decoded
+    if originals:
+        rows = []
+        for start in range(0, len(decoded), nrow):
+            rows += [torch.stack(originals[start:start + nrow]), decoded[start:start + nrow]]
+            pad = nrow - len(decoded[start:start + nrow])
+            if pad and len(decoded) > nrow:  # keep the columns aligned in a short last row
+                blank = torch.full((pad, *decoded.shape[1:]), 255, dtype=torch.uint8)
+                rows[-2], rows[-1] = torch.cat([rows[-2], blank]), torch.cat([rows[-1], blank])
+        tiles = torch.cat(rows)
+    ncol = min(nrow, len(decoded))
+    return make_grid(tiles, nrow=ncol, padding=2, pad_value=255)
+
+
+# --------------------------------------------------------------------------------------------- CLIs
+
+
+def _encode_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dvae-encode",
+        description="Turn images into token grids with an exported dVAE (dvae-export). An interrupted run "
+                    "continues where it stopped when started again with the same arguments.",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="an export directory (dvae-export)")
+    parser.add_argument("--data", required=True, metavar="IMAGES_DIR_OR_CONFIG",
+                        help=f"a folder of images (searched recursively) or a data config: {', '.join(DATA_CONFIGS)} "
+                             "or a .yaml file")
+    parser.add_argument("--out", required=True, metavar="TOKENS", help="the directory of token shards to write")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image side in pixels, a multiple of the downsampling factor (default: the training "
+                             "crop size in dvae.json); images are resized (shorter side) and centre-cropped")
+    parser.add_argument("--split", default="val", choices=("val", "train"), help="for a data config (default: val)")
+    parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the data config, e.g. root=/data/mnist (repeatable)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--shard-size", type=int, default=1024, help="images per shard (default: 1024)")
+    parser.add_argument("--workers", type=int, default=0, help="image-loading processes (default: 0)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--force", action="store_true", help="start over in a --out that holds other tokens")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _decode_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dvae-decode",
+        description="Turn token grids (dvae-encode) back into images with an exported dVAE.",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="an export directory (dvae-export)")
+    parser.add_argument("--tokens", required=True, metavar="TOKENS",
+                        help="a directory written by dvae-encode, or a .npy file of [N, h, w] tokens")
+    parser.add_argument("--out", required=True, metavar="IMAGES_DIR",
+                        help="the directory for the PNGs (with --grid: for contact_sheet.png, or a .png path)")
+    parser.add_argument("--grid", action="store_true", help="write one contact sheet instead of one PNG per image")
+    parser.add_argument("--originals", action="store_true",
+                        help="with --grid: put each row of source images above its decodings")
+    parser.add_argument("--nrow", type=int, default=8, help="images per row of the contact sheet (default: 8)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="decode only the first N (default: all; 64 with --grid)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def encode_main(argv: list[str] | None = None) -> int:
+    args = _encode_parser().parse_args(argv)
+    try:
+        encode_dataset(args.model, args.data, args.out, size=args.size, split=args.split,
+                       batch_size=args.batch_size, shard_size=args.shard_size, device=args.device,
+                       workers=args.workers, force=args.force, data_options=args.data_option,
+                       progress=not args.no_progress)
+    except (ConfigError, OSError) as error:
+        hint = "" if isinstance(error, ConfigError) else "; fix it, then run the same command to continue"
+        print(f"dvae-encode: error: {error}{hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dvae-encode: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+def decode_main(argv: list[str] | None = None) -> int:
+    args = _decode_parser().parse_args(argv)
+    try:
+        decode_tokens(args.model, args.tokens, args.out, grid=args.grid, limit=args.limit,
+                      batch_size=args.batch_size, nrow=args.nrow, originals=args.originals,
+                      device=args.device, force=args.force, progress=not args.no_progress)
+    except (ConfigError, OSError) as error:
+        print(f"dvae-decode: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def encode_cli() -> None:
+    sys.exit(encode_main())
+
+
+def decode_cli() -> None:
+    sys.exit(decode_main())
+
+
+if __name__ == "__main__":  # python -m dvae.tokens encode|decode ...
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command not in ("encode", "decode"):
+        sys.exit("usage: python -m dvae.tokens encode|decode ARGS (or the dvae-encode and dvae-decode commands)")
+    sys.exit((encode_main if command == "encode" else decode_main)(sys.argv[2:]))
