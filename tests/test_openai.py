@@ -192,3 +192,10 @@ def test_export_in_the_official_format_loads_into_dall_e(tmp_path):
     enc.load_state_dict(torch.load(tmp_path / "official" / "encoder.pt", weights_only=True))
     dec.load_state_dict(torch.load(tmp_path / "official" / "decoder.pt", weights_only=True))
     assert max(max_diffs(system.ema_model.eval(), enc, dec)) <= 1e-5
+
+
+def test_import_command_is_installed():
+    import shutil
+    from pathlib import Path
+
+    assert shutil.which("dvae-import-openai", path=str(Path(sys.executable).parent))
