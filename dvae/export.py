@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE
+from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE, predicts_scale
 from .pretrained import FORMATS, check_out_dir, file_sha256, save_pretrained
 
 WEIGHTS = {"ema": "ema.module.", "raw": "model."}
@@ -63,7 +63,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 def model_kwargs(hp: dict[str, Any]) -> dict[str, Any]:
     """`DVAE` arguments from `DVAELightning`'s hyper-parameters (the same rule it applies)."""
-    learned = hp.get("loss", "logit_laplace") == "logit_laplace" and hp.get("scale_mode", "learned") == "learned"
+    learned = predicts_scale(hp.get("loss", "logit_laplace"), hp.get("scale_mode", "learned"))
     return {
         "channels": hp.get("channels", 3), "n_hid": hp["n_hid"], "blocks_per_group": hp["blocks_per_group"],
         "groups": hp["groups"], "K": hp["K"], "n_init": hp["n_init"], "learned_scale": learned,
@@ -164,9 +164,7 @@ def export_openai(source: str | Path, out: str | Path, weights: str = "ema", che
 
     path = resolve_checkpoint(source, checkpoint)
     out = Path(out)
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ConfigError(f"--out {out} is not empty; choose a new directory or pass --force to replace "
-                          "encoder.pt and decoder.pt there.")
+    check_out_dir(out, force)
     model = model_from_checkpoint(read_checkpoint(path), weights, path)
     if model.groups != 4 or not model.learned_scale:
         raise ConfigError(f"{path} cannot be written in the official format: dall_e's modules have 4 groups and "

@@ -12,7 +12,7 @@ from torchmetrics import MeanMetric, Metric
 
 from .codebook import perplexity
 from .losses import LOSSES, nll_to_bits_per_dim, psnr, reconstruct, reconstruction_loss
-from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE
+from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE, predicts_scale
 from .schedules import Schedule
 
 SCALE_MODES = ("learned", "constant", "linear", "cosine", "exponential")
@@ -99,10 +99,9 @@ class DVAELightning(L.LightningModule):
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"scale mode {scale_mode!r} is not known; use one of {', '.join(SCALE_MODES)}.")
         self.save_hyperparameters()
-        learned = loss == "logit_laplace" and scale_mode == "learned"
         self.model = DVAE(channels, n_hid, blocks_per_group, groups, K, n_init,
-                          learned_scale=learned, log_scale_floor=log_scale_floor, eps=pixel_eps,
-                          hard=hard)
+                          learned_scale=predicts_scale(loss, scale_mode), log_scale_floor=log_scale_floor,
+                          eps=pixel_eps, hard=hard)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay),
                                  use_buffers=True)
         self.ema.requires_grad_(False)
@@ -128,7 +127,7 @@ class DVAELightning(L.LightningModule):
         """ln b for the loss: the decoder's when learned, else the scheduled value at this step."""
         if self.hparams.loss != "logit_laplace" or model.learned_scale:
             return log_scale
-        return torch.full_like(mu, math.log(self.scale(self.global_step)))
+        return mu.new_tensor(math.log(self.scale(self.global_step)))
 
     def elbo_terms(self, model: DVAE, x: Tensor, logits: Tensor, mu: Tensor,
                    log_scale: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -20,6 +20,12 @@ from .losses import map_pixels, reconstruct
 DEFAULT_LOG_SCALE_FLOOR = math.log(0.8 / 256 / 0.25)
 
 
+def predicts_scale(loss: str, scale_mode: str) -> bool:
+    """Whether the decoder outputs ln b too (2*C maps): only for the logit-Laplace loss with a learned
+    scale. Training, export and `init_from` all build the decoder by this one rule."""
+    return loss == "logit_laplace" and scale_mode == "learned"
+
+
 class DVAEOutput(NamedTuple):
     logits: Tensor  # (B, K, h, w) encoder logits
     mu: Tensor  # (B, C, H, W) logit-space locations

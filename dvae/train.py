@@ -200,7 +200,7 @@ def load_init_from(cfg: DictConfig):
     architecture replaces the `model.*` keys, so the command line need not repeat it."""
     if not cfg.get("init_from"):
         return None
-    from .model import DVAE
+    from .model import DVAE, predicts_scale
     from .pretrained import architecture
 
     path = Path(str(cfg.init_from)).expanduser()
@@ -212,7 +212,7 @@ def load_init_from(cfg: DictConfig):
     if arch["channels"] != cfg.data.channels:
         raise ConfigError(f"init_from={path} has {arch['channels']} channels but data={cfg.data.name} has "
                           f"{cfg.data.channels}; pick data with {arch['channels']} channels.")
-    learned = cfg.loss == "logit_laplace" and cfg.scale.mode == "learned"
+    learned = predicts_scale(cfg.loss, cfg.scale.mode)
     if arch["learned_scale"] != learned:
         need = "scale=learned loss=logit_laplace" if arch["learned_scale"] else "a fixed scale or loss=l1/mse"
         raise ConfigError(f"init_from={path} was exported {'with' if arch['learned_scale'] else 'without'} a "
@@ -226,6 +226,7 @@ def load_init_from(cfg: DictConfig):
 def build_module(cfg: DictConfig):
     """The LightningModule from the config: every hyper-parameter is a primitive."""
     from .lightning import DVAELightning
+    from .model import DEFAULT_LOG_SCALE_FLOOR
 
     m, s = cfg.model, cfg.scale
     return DVAELightning(
@@ -233,7 +234,7 @@ def build_module(cfg: DictConfig):
         groups=m.groups, K=m.K, n_init=m.n_init, hard=m.hard, pixel_eps=cfg.pixel_eps,
         loss=cfg.loss, scale_mode=s.mode, scale_value=s.get("value") or 0.1,
         scale_start=s.get("start", 0.5), scale_end=s.get("end", 0.05),
-        scale_steps=s.get("steps", 1000), log_scale_floor=s.get("log_floor") or -4.382,
+        scale_steps=s.get("steps", 1000), log_scale_floor=s.get("log_floor") or DEFAULT_LOG_SCALE_FLOOR,
         tau_start=cfg.temperature.start, tau_end=cfg.temperature.end, tau_steps=cfg.temperature.steps,
         beta_start=cfg.kl_weight.start, beta_end=cfg.kl_weight.end, beta_steps=cfg.kl_weight.steps,
         lr=cfg.optim.lr, lr_end=cfg.optim.lr_end, lr_warmup_steps=cfg.optim.warmup_steps,
