@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import random
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics import MeanMetric, Metric
 
 from .codebook import perplexity
+from .errors import TrainingError
 from .losses import LOSSES, nll_to_bits_per_dim, psnr, reconstruct, reconstruction_loss
 from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE, predicts_scale
 from .schedules import Schedule
@@ -69,6 +72,22 @@ class CodeCounts(Metric):
         return self.counts
 
 
+def numpy_rng_state() -> dict:
+    """numpy's global RNG state as tensors and numbers, which `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def set_numpy_rng_state(state: dict) -> None:
+    np.random.set_state((state["kind"], state["keys"].numpy().astype(np.uint32), state["pos"],
+                         state["has_gauss"], state["cached_gaussian"]))
+
+
+class NonFiniteTraining(TrainingError):
+    """`guard.max_bad_steps` updates in a row had a non-finite loss or gradient."""
+
+
 class DVAELightning(L.LightningModule):
     """Built from primitive hyper-parameters only, so `load_from_checkpoint(path)` is enough.
 
@@ -92,6 +111,8 @@ class DVAELightning(L.LightningModule):
         lr: float = 1e-4, lr_end: float = 1.25e-6, lr_warmup_steps: int = 0,
         lr_steps: int = 1_200_000, betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8, weight_decay: float = 1e-4, ema_decay: float = 0.999,
+        # robustness: stop after this many non-finite updates in a row (each one is skipped)
+        max_bad_steps: int = 10,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -117,6 +138,10 @@ class DVAELightning(L.LightningModule):
         self.val_psnr_edges = EdgePSNR()
         self.val_bits_per_dim = MeanMetric()
         self.val_code_counts = CodeCounts(K)
+        self.bad_steps_in_a_row = 0
+        self.bad_steps_total = 0
+        self.first_bad_step: int | None = None
+        self.skip_this_update = False
 
     @property
     def ema_model(self) -> DVAE:
@@ -151,8 +176,59 @@ class DVAELightning(L.LightningModule):
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=batch.shape[0])
         return loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """The non-finite guard: an update whose loss or gradient is not finite is skipped (AdamW leaves
+        a parameter whose gradient is None untouched) and counted; see `on_train_batch_end`."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())) if grads else True
+        self.skip_this_update = not finite
+        if not finite:
+            for p in self.model.parameters():
+                p.grad = None
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.ema.update_parameters(self.model)
+        step = self.global_step  # already counts this update
+        if not self.skip_this_update:
+            self.ema.update_parameters(self.model)
+            self.bad_steps_in_a_row, self.first_bad_step = 0, None
+        else:
+            self.skip_this_update = False
+            self.bad_steps_total += 1
+            self.bad_steps_in_a_row += 1
+            self.first_bad_step = self.first_bad_step or step
+            self.print(f"dvae-train: step {step}: the loss or a gradient is not finite; this update was skipped "
+                       f"({self.bad_steps_in_a_row} in a row, {self.bad_steps_total} in all).")
+        self.log("train/skipped_updates", float(self.bad_steps_total), batch_size=batch.shape[0])
+        if self.bad_steps_in_a_row >= self.hparams.max_bad_steps:
+            raise NonFiniteTraining(
+                f"the loss or gradients were not finite for {self.bad_steps_in_a_row} updates in a row (steps "
+                f"{self.first_bad_step}-{step}, guard.max_bad_steps={self.hparams.max_bad_steps}), so training "
+                "stopped; the weights are those of the last good update"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Everything `resume` needs beyond what Lightning saves: the RNG streams (the Gumbel noise comes
+        from torch's) and the non-finite guard's counters."""
+        checkpoint["dvae_rng"] = {
+            "torch": torch.get_rng_state(), "numpy": numpy_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        checkpoint["dvae_guard"] = {"bad_steps_total": self.bad_steps_total,
+                                    "bad_steps_in_a_row": self.bad_steps_in_a_row,
+                                    "first_bad_step": self.first_bad_step}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("dvae_rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            set_numpy_rng_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        guard = checkpoint.get("dvae_guard", {})
+        self.bad_steps_total = guard.get("bad_steps_total", 0)
+        self.bad_steps_in_a_row = guard.get("bad_steps_in_a_row", 0)
+        self.first_bad_step = guard.get("first_bad_step")
 
     @torch.no_grad()
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:

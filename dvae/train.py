@@ -5,6 +5,7 @@
     dvae-train -m scale=constant scale.value=0.05,0.1,0.2
     dvae-train model=dalle data=folder data.root=/data/images trainer.devices=8 strategy=ddp
     dvae-train hparams_search=scale_optuna       # needs pip install -e '.[sweep]'
+    dvae-train resume=outputs/2026-11-24/10-00-00  # continue a stopped run exactly where it stopped
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 from .losses import LOSSES
 from .schedules import KINDS
 
@@ -95,6 +96,17 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"precision={cfg.precision} needs a CUDA GPU; use precision=bf16-mixed or 32 on a CPU.")
     if cfg.logger.name not in ("csv", "tensorboard", "wandb"):
         raise ConfigError(f"logger={cfg.logger.name} is not known; use logger=csv, tensorboard or wandb.")
+    world = world_size(cfg)
+    if world is not None and int(cfg.data.batch_size) % world:
+        batch = int(cfg.data.batch_size)
+        raise ConfigError(
+            f"data.batch_size={batch} is the global batch and must split evenly over the {world} processes "
+            f"(trainer.devices x trainer.num_nodes); use data.batch_size={max(world, round(batch / world) * world)}."
+        )
+    for key in ("checkpoint.every_n_steps", "guard.max_bad_steps"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key}={value!r} must be a positive integer.")
     metric = cfg.get("optimized_metric", "psnr")
     if metric not in OPTIMIZABLE:
         raise ConfigError(f"optimized_metric={metric} is not known; use one of {', '.join(OPTIMIZABLE)}.")
@@ -103,6 +115,26 @@ def validate_config(cfg: DictConfig) -> None:
             f"optimized_metric=bits_per_dim needs loss=logit_laplace (loss={cfg.loss} is not a density); "
             "use optimized_metric=psnr."
         )
+
+
+def world_size(cfg: DictConfig) -> int | None:
+    """Processes in the run when the config says (devices and num_nodes as integers), else None."""
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if isinstance(devices, int) and devices > 0 and isinstance(nodes, int) and nodes > 0:
+        return devices * nodes
+    return None
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse an output directory that cannot be written, before any training."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".dvae-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"the run directory {run_dir} cannot be written ({error.strerror or error}); "
+                          "set hydra.run.dir (or hydra.sweep.dir) to a writable place.") from error
 
 
 def _hydra_config():
@@ -240,6 +272,7 @@ def build_module(cfg: DictConfig):
         lr=cfg.optim.lr, lr_end=cfg.optim.lr_end, lr_warmup_steps=cfg.optim.warmup_steps,
         lr_steps=cfg.optim.steps, betas=tuple(cfg.optim.betas), adam_eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay, ema_decay=cfg.ema.decay,
+        max_bad_steps=cfg.guard.max_bad_steps,
     )
 
 
@@ -253,19 +286,47 @@ def _wandb_online() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> list:
+    """The configured logger. When resuming, the CSV file keeps its rows up to the checkpoint's step
+    (Lightning's CSVLogger would delete it) and wandb continues the same run id."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    from .resume import read_rows_up_to, write_rows
 
     name = cfg.logger.name
     if name == "csv":
-        return [CSVLogger(save_dir=run_dir, name="logs", version="")]
+        logger = CSVLogger(save_dir=run_dir, name="logs", version="")
+        metrics_csv = run_dir / "logs" / "metrics.csv"
+        header, rows = read_rows_up_to(metrics_csv, resume_step) if resume_step is not None else ([], [])
+        if metrics_csv.is_file():  # removed first, so that the writer does not warn that it deletes it
+            metrics_csv.unlink()
+        if rows and rank_zero():
+            logger.experiment.metrics_keys = list(header)  # creates the writer, which starts a new file
+            write_rows(metrics_csv, header, rows)
+        return [logger]
     if name == "tensorboard":
         return [TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="")]
     offline = cfg.logger.offline
     offline = not _wandb_online() if offline == "auto" else bool(offline)
+    id_file = run_dir / "wandb-run-id.txt"
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        import wandb
+
+        run_id = wandb.util.generate_id()
+        if rank_zero():
+            id_file.write_text(run_id + "\n")
     return [WandbLogger(project=cfg.logger.project, entity=cfg.logger.get("entity"),
-                        save_dir=str(run_dir), offline=offline,
+                        save_dir=str(run_dir), offline=offline, id=run_id, resume="allow",
                         config=OmegaConf.to_container(cfg, resolve=True))]
+
+
+def rank_zero() -> bool:
+    """True in the process that writes files (rank 0); under the ddp launcher every rank runs train()."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def close_loggers(loggers: list, status: str = "success") -> None:
@@ -292,49 +353,83 @@ def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
     console.print(f"run directory: {run_dir}")
 
 
+def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list) -> L.Trainer:
+    """The Lightning Trainer: `trainer.*` as is, the strategy and precision; the data module splits the
+    data over the ranks itself (global batch, no padded validation), so Lightning's sampler is off."""
+    from .checkpointing import AtomicCheckpointIO
+
+    plugins = [] if cfg.strategy.name in GPU_ONLY_STRATEGIES else [AtomicCheckpointIO()]
+    strategy = cfg.strategy.name
+    if strategy == "ddp" and cfg.strategy.get("cluster") == "slurm":
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        plugins.append(SLURMEnvironment(auto_requeue=bool(cfg.strategy.get("requeue", True))))
+    return L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        strategy=strategy, precision=str(cfg.precision), logger=loggers, plugins=plugins,
+        callbacks=callbacks, default_root_dir=run_dir, enable_progress_bar=bool(cfg.progress_bar),
+        use_distributed_sampler=False,
+    )
+
+
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     """Train one dVAE; returns the final validation value of `cfg.optimized_metric` (default psnr),
     what sweepers optimise (NaN where the run has no such value)."""
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from .callbacks import ReconstructionGrid
+    from .checkpointing import Interrupted, RunCheckpoints
     from .data import build_datamodule
+    from .resume import checkpoint_step, resolve_resume
 
     if run_dir is None:
         run_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
-    run_dir = Path(run_dir)
-    apply_scale_shorthand(cfg, _command_line_overrides())
-    pretrained = load_init_from(cfg)
+    overrides = _command_line_overrides()
+    cfg, run_dir, resume_from = resolve_resume(cfg, Path(run_dir), overrides)
+    apply_scale_shorthand(cfg, overrides)
+    pretrained = load_init_from(cfg) if resume_from is None else None
     validate_config(cfg)
+    check_writable(run_dir)
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if rank_zero():
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg)
     if pretrained is not None:
         module.model.load_state_dict(pretrained.state_dict())
         module.ema.module.load_state_dict(pretrained.state_dict())
-    loggers = build_loggers(cfg, run_dir)
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
-                                  monitor="val/psnr", mode="max", save_last=True,
-                                  auto_insert_metric_name=False)
+    resume_step = checkpoint_step(resume_from) if resume_from is not None else None
+    if resume_from is not None and rank_zero():
+        print(f"dvae-train: resuming {run_dir} from step {resume_step} ({resume_from})", file=sys.stderr)
+    loggers = build_loggers(cfg, run_dir, resume_step)
+    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/psnr", mode="max",
+                           save_top_k=1, auto_insert_metric_name=False)
+    last = RunCheckpoints(run_dir / "checkpoints", every_n_steps=cfg.checkpoint.every_n_steps)
     grid = ReconstructionGrid(run_dir / "images")
-    callbacks = [checkpoints, grid]
+    callbacks = [best, last, grid]
     if cfg.progress_bar and sys.stderr.isatty():
         callbacks.append(RichProgressBar())
-    trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        strategy=cfg.strategy.name, precision=str(cfg.precision), logger=loggers,
-        callbacks=callbacks, default_root_dir=run_dir, enable_progress_bar=bool(cfg.progress_bar),
-    )
+    trainer = build_trainer(cfg, run_dir, loggers, callbacks)
     start = time.perf_counter()
     status = "failed"
     try:
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
         wall = time.perf_counter() - start
         final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         status = "success"
+    except (SIGTERMException, Interrupted) as error:
+        raise RunStopped(
+            f"{last.signal_name or type(error).__name__} at step {trainer.global_step}: the run was saved to "
+            f"{last.last_path}; continue it with: dvae-train resume={run_dir}",
+            exit_code=130 if last.signal_name == "Ctrl-C" else 143,
+        ) from None
+    except TrainingError as error:
+        saved = last.last_path if last.last_path.is_file() else None
+        where = (f"the last good checkpoint is {saved} (step {checkpoint_step(saved)})" if saved
+                 else "no checkpoint was written")
+        raise TrainingError(f"{error}; {where}.") from error
     finally:
         close_loggers(loggers, status)
     metrics = {
@@ -345,6 +440,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         "perplexity": final["val/perplexity"],
         "codes_used_fraction": final["val/codes_used_fraction"],
         "steps": trainer.global_step,
+        "skipped_updates": module.bad_steps_total,
+        "world_size": trainer.world_size,
         "wall_seconds": round(wall, 2),
     }
     if trainer.is_global_zero:
@@ -352,6 +449,14 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         print_summary(metrics, run_dir)
     value = metrics[cfg.get("optimized_metric", "psnr")]
     return float("nan") if value is None else float(value)
+
+
+class RunStopped(TrainingError):
+    """SIGTERM or Ctrl-C stopped the run after saving it; carries the conventional exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def record_failure(job_dir: Path, error: BaseException) -> None:
@@ -379,6 +484,12 @@ def hydra_main(cfg: DictConfig) -> float:
         except ConfigError as error:
             print(f"dvae-train: error: {error}", file=sys.stderr)
             sys.exit(2)
+        except RunStopped as error:
+            print(f"dvae-train: {error}", file=sys.stderr)
+            sys.exit(error.exit_code)
+        except TrainingError as error:
+            print(f"dvae-train: error: {error}", file=sys.stderr)
+            sys.exit(1)
     job_dir = Path(_hydra_config().runtime.output_dir)
     try:
         value = train(cfg, job_dir)

@@ -1,0 +1,83 @@
+"""`resume=RUN_DIR` and `resume=auto`: which run directory, config and checkpoint a run continues from.
+
+    dvae-train resume=outputs/2026-11-24/10-00-00                  # continue that run where it stopped
+    dvae-train resume=outputs/... trainer.max_steps=3000           # ... and train it for longer
+    dvae-train hydra.run.dir=/ckpt/run1 resume=auto                # SLURM requeue: continue if started
+
+The run's own `config.yaml` is the config; keys given on the command line next to `resume` replace its
+values, but a config group (data=..., model=...) cannot change under a run.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .checkpointing import LAST
+from .errors import ConfigError
+
+GROUPS = ("data", "model", "scale", "strategy", "logger", "experiment", "hparams_search")
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / LAST
+
+
+def resolve_resume(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Path, Path | None]:
+    """(config, run directory, checkpoint to resume from or None for a fresh start)."""
+    value = cfg.get("resume")
+    if not value:
+        return cfg, run_dir, None
+    if value == "auto":
+        checkpoint = last_checkpoint(run_dir)
+        return cfg, run_dir, checkpoint if checkpoint.is_file() else None
+    path = Path(str(value)).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"resume={value} is not a directory; pass the directory of an earlier run (it holds "
+                          "config.yaml and checkpoints/last.ckpt), or resume=auto.")
+    checkpoint = last_checkpoint(path)
+    if not (path / "config.yaml").is_file() or not checkpoint.is_file():
+        missing = "config.yaml" if not (path / "config.yaml").is_file() else f"checkpoints/{LAST}"
+        raise ConfigError(f"resume={value} has no {missing}, so it is not a run directory that can be resumed; "
+                          "pass the directory that dvae-train printed at the end of the run.")
+    saved = OmegaConf.load(path / "config.yaml")
+    for override in overrides:
+        key = override.lstrip("+~").partition("=")[0]
+        if key == "resume" or key.startswith("hydra.") or key.startswith("hydra/"):
+            continue
+        if key in GROUPS:
+            raise ConfigError(f"{override} cannot change the {key} of the run being resumed; drop it, or start a "
+                              "new run without resume=.")
+        with open_dict(saved):
+            OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
+    with open_dict(saved):
+        saved.resume = str(value)
+    return saved, path, checkpoint
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step stored in a Lightning checkpoint, read without loading its tensors."""
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return int(checkpoint["global_step"])
+
+
+def read_rows_up_to(metrics_csv: Path, step: int) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and the rows of a CSVLogger file logged at or before `step`: rows after the checkpoint
+    belong to updates that the resumed run does again, so they are dropped rather than duplicated."""
+    if not metrics_csv.is_file():
+        return [], []
+    with metrics_csv.open(newline="") as file:
+        reader = csv.DictReader(file)
+        rows = [row for row in reader if row.get("step", "") == "" or int(float(row["step"])) <= step]
+        return list(reader.fieldnames or []), rows
+
+
+def write_rows(metrics_csv: Path, header: list[str], rows: list[dict[str, str]]) -> None:
+    metrics_csv.parent.mkdir(parents=True, exist_ok=True)
+    with metrics_csv.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
