@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -9,8 +10,8 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torchmetrics import MeanMetric, Metric
+from torch.optim.swa_utils import AveragedModel
+from torchmetrics import MeanMetric, Metric, SumMetric
 
 from .codebook import perplexity
 from .errors import TrainingError
@@ -72,6 +73,17 @@ class CodeCounts(Metric):
         return self.counts
 
 
+def ema_update(decay: float, averaged: list[Tensor], current: list[Tensor], num_averaged) -> None:
+    """averaged <- decay * averaged + (1 - decay) * current, in place. A module-level function (bound with
+    functools.partial) rather than a closure, so that ddp_spawn can pickle the module."""
+    floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+    if floats:
+        torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - decay)
+    for a, c in zip(averaged, current):
+        if not a.is_floating_point():
+            a.copy_(c)
+
+
 def numpy_rng_state() -> dict:
     """numpy's global RNG state as tensors and numbers, which `torch.load(weights_only=True)` accepts."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -123,7 +135,7 @@ class DVAELightning(L.LightningModule):
         self.model = DVAE(channels, n_hid, blocks_per_group, groups, K, n_init,
                           learned_scale=predicts_scale(loss, scale_mode), log_scale_floor=log_scale_floor,
                           eps=pixel_eps, hard=hard)
-        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay),
+        self.ema = AveragedModel(self.model, multi_avg_fn=functools.partial(ema_update, ema_decay),
                                  use_buffers=True)
         self.ema.requires_grad_(False)
         self.tau = Schedule("cosine", tau_start, tau_end, tau_steps)
@@ -138,6 +150,7 @@ class DVAELightning(L.LightningModule):
         self.val_psnr_edges = EdgePSNR()
         self.val_bits_per_dim = MeanMetric()
         self.val_code_counts = CodeCounts(K)
+        self.val_images = SumMetric()  # synchronised: each validation image counted once over all ranks
         self.bad_steps_in_a_row = 0
         self.bad_steps_total = 0
         self.first_bad_step: int | None = None
@@ -243,6 +256,7 @@ class DVAELightning(L.LightningModule):
         self.val_psnr_mean_color.update(psnr(x, mean_color))
         self.val_psnr_edges.update(x, x_hat)
         self.val_code_counts.update(tokens)
+        self.val_images.update(float(x.shape[0]))
         if self.hparams.loss == "logit_laplace":
             rec, kl, _ = self.elbo_terms(model, x, logits, mu, log_scale)
             self.val_bits_per_dim.update(nll_to_bits_per_dim(rec + kl, model.eps), weight=x.shape[0])
@@ -255,13 +269,14 @@ class DVAELightning(L.LightningModule):
             "val/psnr_edges": self.val_psnr_edges.compute(),
             "val/perplexity": perplexity(counts),
             "val/codes_used_fraction": (counts > 0).float().mean(),
+            "val/images": self.val_images.compute(),
         }
         if self.hparams.loss == "logit_laplace":
             metrics["val/bits_per_dim"] = self.val_bits_per_dim.compute()
         self.log_dict(metrics, prog_bar=False)
         self.log("val_psnr", metrics["val/psnr"], prog_bar=True, logger=False)
         for metric in (self.val_psnr, self.val_psnr_mean_color, self.val_psnr_edges,
-                       self.val_bits_per_dim, self.val_code_counts):
+                       self.val_bits_per_dim, self.val_code_counts, self.val_images):
             metric.reset()
 
     def configure_optimizers(self):

@@ -10,7 +10,6 @@ values, but a config group (data=..., model=...) cannot change under a run.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import torch
@@ -62,22 +61,3 @@ def checkpoint_step(path: Path) -> int:
     """The global step stored in a Lightning checkpoint, read without loading its tensors."""
     checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     return int(checkpoint["global_step"])
-
-
-def read_rows_up_to(metrics_csv: Path, step: int) -> tuple[list[str], list[dict[str, str]]]:
-    """The header and the rows of a CSVLogger file logged at or before `step`: rows after the checkpoint
-    belong to updates that the resumed run does again, so they are dropped rather than duplicated."""
-    if not metrics_csv.is_file():
-        return [], []
-    with metrics_csv.open(newline="") as file:
-        reader = csv.DictReader(file)
-        rows = [row for row in reader if row.get("step", "") == "" or int(float(row["step"])) <= step]
-        return list(reader.fieldnames or []), rows
-
-
-def write_rows(metrics_csv: Path, header: list[str], rows: list[dict[str, str]]) -> None:
-    metrics_csv.parent.mkdir(parents=True, exist_ok=True)
-    with metrics_csv.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)

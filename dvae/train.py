@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError, TrainingError
+from .loggers import build_loggers, close_loggers, rank_zero
 from .losses import LOSSES
 from .schedules import KINDS
 
@@ -276,69 +277,6 @@ def build_module(cfg: DictConfig):
     )
 
 
-def _wandb_online() -> bool:
-    """Online only when the user has configured an account (an API key or a netrc entry)."""
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
-        return False
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-
-
-def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> list:
-    """The configured logger. When resuming, the CSV file keeps its rows up to the checkpoint's step
-    (Lightning's CSVLogger would delete it) and wandb continues the same run id."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
-
-    from .resume import read_rows_up_to, write_rows
-
-    name = cfg.logger.name
-    if name == "csv":
-        logger = CSVLogger(save_dir=run_dir, name="logs", version="")
-        metrics_csv = run_dir / "logs" / "metrics.csv"
-        header, rows = read_rows_up_to(metrics_csv, resume_step) if resume_step is not None else ([], [])
-        if metrics_csv.is_file():  # removed first, so that the writer does not warn that it deletes it
-            metrics_csv.unlink()
-        if rows and rank_zero():
-            logger.experiment.metrics_keys = list(header)  # creates the writer, which starts a new file
-            write_rows(metrics_csv, header, rows)
-        return [logger]
-    if name == "tensorboard":
-        return [TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="")]
-    offline = cfg.logger.offline
-    offline = not _wandb_online() if offline == "auto" else bool(offline)
-    id_file = run_dir / "wandb-run-id.txt"
-    if id_file.is_file():
-        run_id = id_file.read_text().strip()
-    else:
-        import wandb
-
-        run_id = wandb.util.generate_id()
-        if rank_zero():
-            id_file.write_text(run_id + "\n")
-    return [WandbLogger(project=cfg.logger.project, entity=cfg.logger.get("entity"),
-                        save_dir=str(run_dir), offline=offline, id=run_id, resume="allow",
-                        config=OmegaConf.to_container(cfg, resolve=True))]
-
-
-def rank_zero() -> bool:
-    """True in the process that writes files (rank 0); under the ddp launcher every rank runs train()."""
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
-
-
-def close_loggers(loggers: list, status: str = "success") -> None:
-    """Finish every logger, so that one multirun job never leaks into the next."""
-    for logger in loggers:
-        logger.finalize(status)
-        if type(logger).__name__ == "WandbLogger":
-            import wandb
-
-            wandb.finish(exit_code=0 if status == "success" else 1)
-
-
 def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -401,6 +339,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         module.model.load_state_dict(pretrained.state_dict())
         module.ema.module.load_state_dict(pretrained.state_dict())
     resume_step = checkpoint_step(resume_from) if resume_from is not None else None
+    if resume_from is not None:  # checkpoints/ holds the run's own checkpoints: nothing to warn about
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
     if resume_from is not None and rank_zero():
         print(f"dvae-train: resuming {run_dir} from step {resume_step} ({resume_from})", file=sys.stderr)
     loggers = build_loggers(cfg, run_dir, resume_step)
@@ -440,6 +380,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         "perplexity": final["val/perplexity"],
         "codes_used_fraction": final["val/codes_used_fraction"],
         "steps": trainer.global_step,
+        "val_images": int(final["val/images"]),
         "skipped_updates": module.bad_steps_total,
         "world_size": trainer.world_size,
         "wall_seconds": round(wall, 2),

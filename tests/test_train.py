@@ -80,7 +80,7 @@ def test_cli_help_lists_groups_and_options(tmp_path):
     assert result.returncode == 0
     for line in ("data: cifar10, folder, mnist, photos, shapes",
                  "scale: constant, cosine, exponential, learned, linear",
-                 "strategy: auto, ddp, ddp_spawn, deepspeed, fsdp", "logger: csv, tensorboard, wandb"):
+                 "strategy: auto, ddp, ddp_spawn, deepspeed, fsdp, slurm, torchrun", "logger: csv, tensorboard, wandb"):
         assert line in result.stdout
 
 
