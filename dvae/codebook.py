@@ -23,7 +23,7 @@ class GumbelCodebook(nn.Module):
         self.hard = hard
 
     def forward(self, logits: Tensor, tau: float) -> Tensor:
-        if tau <= 0:
+        if not tau > 0:  # NaN too
             raise ValueError(f"the Gumbel-softmax temperature must be > 0, got tau={tau}.")
         if not self.training:
             return F.one_hot(logits.argmax(dim=1), self.K).permute(0, 3, 1, 2).to(logits.dtype)

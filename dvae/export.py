@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"dvae-export: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # permissions, a file where a folder of the path should be, a full disk
+        print(f"dvae-export: error: could not write --out {args.out} ({error}); choose a directory you can "
+              f"write to.", file=sys.stderr)
+        return 2
     source = config["source"]
     files = ", ".join(f"{name} ({(out / name).stat().st_size / 1e6:.2f} MB)" for name in config["files"].values())
     print(f"exported {source['checkpoint']} (step {config['training']['step']}, {args.weights} weights, "

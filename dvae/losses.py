@@ -8,6 +8,8 @@ mapped away from the end points with `map_pixels` (y = (1 - 2 eps) x + eps).
 from __future__ import annotations
 
 import math
+from itertools import zip_longest
+from numbers import Real
 
 import torch
 import torch.nn.functional as F
@@ -17,20 +19,60 @@ LOSSES = ("logit_laplace", "l1", "mse")
 
 
 def _check_eps(eps: float) -> None:
+    if not isinstance(eps, Real):
+        raise TypeError(f"eps must be a number in [0, 0.5), got {type(eps).__name__}; the paper uses 0.1.")
     if not 0.0 <= eps < 0.5:
         raise ValueError(f"eps={eps} must be in [0, 0.5); the paper uses 0.1.")
 
 
+def _check_float_tensor(name: str, value: object) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}; wrap it with torch.tensor(...).")
+    if not value.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got {value.dtype}; convert it with .float() "
+            f"(8-bit pixels: x.float() / 255)."
+        )
+
+
 def map_pixels(x: Tensor, eps: float = 0.1) -> Tensor:
     """[0, 1] -> [eps, 1 - eps], so that logit(y) stays finite (paper, section 2.1)."""
+    _check_float_tensor("x", x)
     _check_eps(eps)
     return (1 - 2 * eps) * x + eps
 
 
 def unmap_pixels(y: Tensor, eps: float = 0.1) -> Tensor:
     """Inverse of `map_pixels`, clamped to [0, 1]: what a person is shown."""
+    _check_float_tensor("y", y)
     _check_eps(eps)
     return ((y - eps) / (1 - 2 * eps)).clamp(0.0, 1.0)
+
+
+def check_nll_arguments(x: Tensor, mu: Tensor, log_scale: Tensor, eps: float) -> None:
+    """Refuse what `logit_laplace_nll` cannot compute: types, dtypes, devices, shapes, eps.
+
+    Only metadata is looked at (no pass over the values): this runs on every training step."""
+    for name, value in (("x", x), ("mu", mu), ("log_scale", log_scale)):
+        _check_float_tensor(name, value)
+    devices = {t.device for t in (x, mu, log_scale) if t.dim() > 0}
+    if len(devices) > 1:
+        raise ValueError(f"x, mu and log_scale are on different devices ({', '.join(sorted(map(str, devices)))}); "
+                         f"move them to one device.")
+    if not _broadcastable(x.shape, mu.shape, log_scale.shape):
+        raise ValueError(
+            f"x {list(x.shape)}, mu {list(mu.shape)} and log_scale {list(log_scale.shape)} do not broadcast "
+            f"to one shape; pass tensors of the same shape (or of size 1 along the other dimensions)."
+        )
+    _check_eps(eps)
+
+
+def _broadcastable(*shapes: torch.Size) -> bool:
+    """torch's broadcasting rule in plain Python: torch.broadcast_shapes takes about 20 us a call, this 2."""
+    for sizes in zip_longest(*(reversed(shape) for shape in shapes), fillvalue=1):
+        if len(set(sizes) - {1}) > 1:
+            return False
+    return True
 
 
 def logit_laplace_nll(x: Tensor, mu: Tensor, log_scale: Tensor, eps: float = 0.1) -> Tensor:
@@ -43,8 +85,16 @@ def logit_laplace_nll(x: Tensor, mu: Tensor, log_scale: Tensor, eps: float = 0.1
     The last two terms (the Jacobian of the sigmoid) make this a density on y in (0, 1). The value
     is per sub-pixel of `y`; `bits_per_dim` adds the Jacobian of `map_pixels` and the 8-bit bin.
     Broadcasts like any torch op, no reduction, no clamping: a floor on `log_scale` is the model's
-    job. Outside x in [0, 1] (the support) the result is not defined.
+    job. Wrong types, dtypes, devices or shapes raise TypeError / ValueError.
+
+    Domain: x in [0, 1], finite mu and log_scale, and |logit(y) - mu| * exp(-log_scale) within the
+    dtype's range (float32 / bfloat16: e.g. |mu| <= 1e4 and log_scale >= -20; float16: |mu| <= 100 and
+    log_scale >= -4.4, about the model's floor). Inside it the value and its gradient are finite.
+    Outside it the result is undefined (inf or NaN) and is not checked: this is the training loss, and
+    a pass over the values on every step would cost time; `DVAE.encode` / `decode` and the command-line
+    tools check the data they are given.
     """
+    check_nll_arguments(x, mu, log_scale, eps)
     y = map_pixels(x, eps)
     log_y = torch.log(y)
     log_1my = torch.log1p(-y)
@@ -64,7 +114,10 @@ def nll_to_bits_per_dim(nll_nats: Tensor | float, eps: float = 0.1) -> Tensor | 
 
 def bits_per_dim(x: Tensor, mu: Tensor, log_scale: Tensor, eps: float = 0.1) -> Tensor:
     """Bits per sub-pixel of 8-bit images `x` under the logit-Laplace density (mean over all)."""
-    return nll_to_bits_per_dim(logit_laplace_nll(x, mu, log_scale, eps).mean(), eps)
+    nll = logit_laplace_nll(x, mu, log_scale, eps)
+    if nll.numel() == 0:
+        raise ValueError(f"bits_per_dim needs at least one pixel, got tensors of shape {list(nll.shape)}.")
+    return nll_to_bits_per_dim(nll.mean(), eps)
 
 
 def reconstruct(mu: Tensor, eps: float = 0.1) -> Tensor:

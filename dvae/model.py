@@ -35,8 +35,15 @@ class DVAEOutput(NamedTuple):
 class DVAE(nn.Module):
     """Encoder -> Gumbel codebook -> decoder, on images in [0, 1] (pixels are mapped inside).
 
-    `learned_scale=True` is the paper's decoder (2*C output maps: mu and ln b, with ln b softly
-    floored at `log_scale_floor`); `False` outputs C maps and the caller supplies the scale.
+    `learned_scale=True` is the paper's decoder (2*C output maps: mu and ln b); `False` outputs C
+    maps and the caller supplies the scale.
+
+    The floor on ln b: the logit-Laplace density of a pixel the decoder predicts exactly grows
+    without bound as b -> 0, so training pushes b towards 0 on flat regions (on a batch of one flat
+    image a tiny model takes ln b from -1.7 to past -4.9 in 150 steps without the floor; see
+    tests/test_model.py) and the loss towards -inf. ln b is therefore softly floored,
+    ln b = floor + softplus(raw - floor) > floor, at `log_scale_floor` (config `scale.log_floor`;
+    default `DEFAULT_LOG_SCALE_FLOOR` = -4.382, the logit-space width of one 8-bit step at mid-grey).
     """
 
     def __init__(self, channels: int = 3, n_hid: int = 256, blocks_per_group: int = 2,
@@ -50,6 +57,11 @@ class DVAE(nn.Module):
                 raise ValueError(f"model.{name}={value} must be a positive integer.")
         if K < 2:
             raise ValueError(f"model.K={K} must be at least 2 codes.")
+        if not math.isfinite(log_scale_floor):
+            raise ValueError(f"scale.log_floor={log_scale_floor} must be a finite number; the default is "
+                             f"{DEFAULT_LOG_SCALE_FLOOR:.3f} (use e.g. -20 for almost no floor).")
+        if not 0.0 <= eps < 0.5:
+            raise ValueError(f"pixel_eps={eps} must be in [0, 0.5); the paper uses 0.1.")
         self.channels, self.K, self.eps = channels, K, eps
         self.groups = groups
         self.learned_scale = learned_scale
@@ -96,7 +108,20 @@ class DVAE(nn.Module):
                 f"factor), got {h}x{w}; crop or resize to e.g. {max(f, h // f * f)}x{max(f, w // f * f)}."
             )
 
-    def check_tokens(self, tokens: Tensor) -> None:
+    def check_image_values(self, images: Tensor) -> None:
+        """Raise a ValueError unless every pixel is finite and in [0, 1]. A pass over the data: done by
+        `encode`, the entry point for users' images, not on every training step."""
+        if images.numel() == 0:
+            return
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError("images contain NaN or infinite values; pass finite pixels in [0, 1].")
+        low, high = (float(v) for v in torch.aminmax(images))
+        if low < 0.0 or high > 1.0:
+            hint = "; 8-bit images go in as images.float() / 255" if high > 1.0 else ""
+            raise ValueError(f"images must be in [0, 1], got values in [{low:g}, {high:g}]{hint}.")
+
+    def check_tokens(self, tokens: Tensor) -> Tensor:
+        """The tokens as int64, or a ValueError saying what to pass (shape, dtype, range, device)."""
         if not isinstance(tokens, Tensor):
             raise ValueError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}.")
         if tokens.dim() != 3:
@@ -106,25 +131,44 @@ class DVAE(nn.Module):
             )
         if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
             raise ValueError(f"tokens must be integers, got {tokens.dtype}; use tokens.long().")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.K):
-            raise ValueError(
-                f"tokens must be in [0, {self.K}) for this model (K={self.K}), got values in "
-                f"[{int(tokens.min())}, {int(tokens.max())}]."
-            )
+        if 0 in tokens.shape[1:]:
+            raise ValueError(f"a token grid must be at least 1x1, got shape {list(tokens.shape)}.")
+        self._check_device(tokens, "tokens")
+        tokens = tokens.long()  # unsigned types have no min/max in torch; uint64 >= 2**63 turns negative
+        if tokens.numel():
+            low, high = (int(v) for v in torch.aminmax(tokens))
+            if low < 0 or high >= self.K:
+                raise ValueError(
+                    f"tokens must be in [0, {self.K}) for this model (K={self.K}), got values in [{low}, {high}]."
+                )
+        return tokens
+
+    def _check_device(self, tensor: Tensor, name: str) -> None:
+        device = self.codebook.device
+        if tensor.device != device:
+            raise ValueError(f"{name} are on {tensor.device} but the model is on {device}; "
+                             f"move them with .to('{device}').")
 
     def logits(self, images: Tensor) -> Tensor:
-        """Images [B, C, H, W] in [0, 1] -> code logits [B, K, H/f, W/f]."""
+        """Images [B, C, H, W] in [0, 1] -> code logits [B, K, H/f, W/f]. Checks the shape and dtype
+        only (it runs on every training step); `encode` checks the values too."""
         self.check_images(images)
         return self.encoder(map_pixels(images, self.eps))
 
     def encode(self, images: Tensor) -> Tensor:
-        """Images [B, C, H, W] in [0, 1] -> argmax tokens [B, H/f, W/f] (int64): no noise."""
-        return GumbelCodebook.tokens(self.logits(images))
+        """Images [B, C, H, W] in [0, 1] -> argmax tokens [B, H/f, W/f] (int64): no noise.
+
+        Any floating dtype is accepted (converted to the model's); NaN, infinite or out-of-range
+        pixels, a wrong shape or another device raise a ValueError."""
+        self.check_images(images)
+        self._check_device(images, "images")
+        self.check_image_values(images)
+        return GumbelCodebook.tokens(self.logits(images.to(self.codebook.dtype)))
 
     def decode(self, tokens: Tensor) -> Tensor:
-        """Tokens [B, h, w] -> images [B, C, h*f, w*f] in [0, 1]."""
-        self.check_tokens(tokens)
-        mu, _ = self.split_output(self.decoder.forward_tokens(tokens.long()))
+        """Tokens [B, h, w] (any integer dtype) -> images [B, C, h*f, w*f] in [0, 1]."""
+        tokens = self.check_tokens(tokens)
+        mu, _ = self.split_output(self.decoder.forward_tokens(tokens))
         return reconstruct(mu, self.eps)
 
     def split_output(self, out: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -178,7 +178,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{file} is not valid JSON ({error}); export the model again.") from error
     if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
         raise ConfigError(f"{file} is not a dvae export description; export the model again with dvae-export.")
-    if config.get("format_version", 0) > FORMAT_VERSION:
+    version = config.get("format_version", 0)
+    if not isinstance(version, int):
+        raise ConfigError(f"{file} has format version {version!r}, not a number; export the model again.")
+    if version > FORMAT_VERSION:
         raise ConfigError(
             f"{file} has format version {config['format_version']}, newer than this dvae "
             f"({__version__}) reads; upgrade dvae."
@@ -187,6 +190,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{file} names no tensor format or files; export the model again.")
     if not isinstance(config.get("model"), dict):
         raise ConfigError(f"{file} has no 'model' section (the architecture); export the model again.")
+    for key in ("K", "channels", "downsampling"):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{file} has {key}={value!r}, not a positive integer; export the model again.")
     return config
 
 
@@ -283,7 +290,7 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu",
     try:
         with torch.device("meta"):
             model = DVAE(**config["model"])
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ConfigError(f"{path / CONFIG_FILE}: the 'model' section does not describe a DVAE ({error}); "
                           f"export the model again.") from error
     state = load_state(path, config, model.state_dict())

@@ -281,6 +281,10 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         print(f"dvae-report: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:
+        print(f"dvae-report: error: could not write the report in {args.directory} ({error}); make the directory "
+              f"writable, or copy it somewhere writable and report there.", file=sys.stderr)
+        sys.exit(2)
     print(text, end="")
     written = "report.md" if args.no_plot else "report.md and report.png"
     print(f"\nwrote {written} in {args.directory}")

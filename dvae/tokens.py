@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .data.common import center_crop, resize, to_unit_float
 from .data.folder import IMAGE_EXTENSIONS, find_images, read_rgb
 from .errors import ConfigError
-from .pretrained import atomic_write, check_out_dir, fingerprint, from_pretrained, write_json
+from .pretrained import atomic_write, check_out_dir, fingerprint, from_pretrained, read_config, write_json
 
 SHARD_NAME = "shard_{:05d}.npy"
 INDEX_FILE = "index.jsonl"
@@ -60,8 +60,8 @@ def prepare_image(image: Tensor, size: int, channels: int = 3) -> Tensor:
     scale = size / min(height, width)
     image = resize(image, max(size, round(height * scale)), max(size, round(width * scale)))
     x = to_unit_float(center_crop(image, size))
-    if channels == 1 and x.shape[0] == 3:
-        x = (x * GREY[:, None, None]).sum(dim=0, keepdim=True)
+    if channels == 1 and x.shape[0] == 3:  # the weights sum to 1 only up to rounding: clamp
+        x = (x * GREY[:, None, None]).sum(dim=0, keepdim=True).clamp_(0.0, 1.0)
     return x
 
 
@@ -145,7 +145,14 @@ def open_images(data: str, size: int, channels: int, split: str = "val",
 
     from .data import build_datamodule
 
-    cfg = yaml.safe_load(config_file.read_text()) or {}
+    try:
+        cfg = yaml.safe_load(config_file.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--data {data} is not valid YAML ({str(error).splitlines()[0]}); pass a data config "
+                          f"file like dvae/configs/data/folder.yaml.") from error
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"--data {data} does not hold a data config (a mapping of data.* keys); pass a file "
+                          f"like dvae/configs/data/folder.yaml, or a folder of images.")
     opts = options if isinstance(options, dict) else _parse_options(list(options))
     cfg.update(opts)
     cfg["crop_size"] = size
@@ -164,6 +171,7 @@ def open_images(data: str, size: int, channels: int, split: str = "val",
 
 
 def _image_size(config: dict[str, Any], size: int | None, model_dir: Path) -> int:
+    """--size, or the training crop size of dvae.json: a positive multiple of the downsampling factor."""
     f = config["downsampling"]
     if size is None:
         size = config.get("image_size")
@@ -282,10 +290,10 @@ def encode_dataset(model_dir: str | Path, data: str, out: str | Path, size: int 
     if not (out / META_FILE).is_file():
         check_out_dir(out, force)  # a folder of something else: refuse before any work
     dev = resolve_device(device)
-    model, config = from_pretrained(model_dir, device=dev)
+    config = read_config(model_dir)  # dvae.json alone: the weights are read once everything else is known good
     size = _image_size(config, size, model_dir)
-    dataset, sources, spec = open_images(data, size, model.channels, split, data_options)
-    K, f = model.K, model.downsampling
+    dataset, sources, spec = open_images(data, size, config["channels"], split, data_options)
+    K, f = config["K"], config["downsampling"]
     meta = {
         "model": {"path": str(model_dir.resolve()), "fingerprint": fingerprint(model_dir), "K": K,
                   "downsampling": f, "checkpoint_sha256": (config.get("source") or {}).get("sha256")},
@@ -298,7 +306,8 @@ def encode_dataset(model_dir: str | Path, data: str, out: str | Path, size: int 
         "sources_sha256": hashlib.sha256("\n".join(sources).encode()).hexdigest(),
     }
     done = shard = 0
-    if (out / META_FILE).is_file() and not force:
+    continuing = (out / META_FILE).is_file() and not force
+    if continuing:
         try:
             previous = json.loads((out / META_FILE).read_text())
         except json.JSONDecodeError:
@@ -309,6 +318,8 @@ def encode_dataset(model_dir: str | Path, data: str, out: str | Path, size: int 
                 f"--out {out} holds tokens made with a different {', '.join(differs)}; to continue it, repeat "
                 f"the earlier command exactly, else pass a new --out, or --force to start over there."
             )
+    model = from_pretrained(model_dir, device=dev)[0]
+    if continuing:
         done, shard = _completed(out)
     else:
         check_out_dir(out, force)
@@ -327,7 +338,10 @@ def encode_dataset(model_dir: str | Path, data: str, out: str | Path, size: int 
         with _progress(progress) as bar, torch.inference_mode():
             task = bar.add_task("encoding", total=total, completed=done)
             for images in loader:
-                tokens = model.encode(images.to(dev, non_blocking=True)).cpu().numpy().astype(dtype)
+                try:
+                    tokens = model.encode(images.to(dev, non_blocking=True)).cpu().numpy().astype(dtype)
+                except ValueError as error:
+                    raise ConfigError(f"--data {data}, images {sources[position]} and after: {error}") from error
                 pending.append(tokens)
                 bar.advance(task, len(tokens))
                 buffered = sum(len(t) for t in pending)
@@ -367,15 +381,95 @@ def _write_shard(out: Path, shard: int, tokens: np.ndarray, sources: list[str], 
 # --------------------------------------------------------------------------------------------- reading
 
 
+def _load_npy(path: Path) -> np.ndarray:
+    """One array from a .npy file, or a ConfigError naming what the file is instead."""
+    try:
+        tokens = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"--tokens {path} could not be read as a .npy file ({reason}); pass a .npy file of "
+                          f"[N, h, w] token grids or a directory written by dvae-encode.") from error
+    if not isinstance(tokens, np.ndarray):  # np.load opens a .npz archive instead
+        tokens.close()
+        raise ConfigError(f"--tokens {path} is a .npz archive, not a .npy array; save the token grids with np.save, "
+                          f"or pass a directory written by dvae-encode.")
+    return tokens
+
+
+def check_grid_shape(shape: tuple[int, ...], where: str, grid: list[int] | None = None) -> None:
+    """Refuse [N, h, w] token grids of no cells, or other than the grid meta.json records."""
+    if 0 in shape[1:]:
+        raise ConfigError(f"{where} holds empty token grids (shape {list(shape)}); each grid needs h, w >= 1.")
+    if grid is not None and list(shape[1:]) != list(grid):
+        raise ConfigError(f"{where} holds {shape[1]}x{shape[2]} token grids but its meta.json says "
+                          f"{grid[0]}x{grid[1]}; the directory is damaged: run dvae-encode again.")
+
+
+def check_token_grids(tokens: np.ndarray, K: int, where: str, grid: list[int] | None = None) -> None:
+    """Refuse token grids the model cannot decode, before any of them is: a wrong grid shape
+    (`check_grid_shape`) or values outside [0, K)."""
+    check_grid_shape(tokens.shape, where, grid)
+    if tokens.size:
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= K:
+            raise ConfigError(f"{where} holds token values in [{low}, {high}] but the model has K={K} codes "
+                              f"(values 0 to {K - 1}); decode them with the model that made them.")
+
+
+def _tokens_meta(tokens: Path) -> dict[str, Any]:
+    """meta.json of a TOKENS directory ({} for a .npy file or a directory without one)."""
+    file = tokens / META_FILE
+    if not file.is_file():
+        return {}
+    try:
+        meta = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{file} is not valid JSON ({error}); run dvae-encode again.") from error
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{file} is not a dvae-encode description; run dvae-encode again.")
+    return meta
+
+
+def check_tokens_fit_model(tokens: Path, config: dict[str, Any], model_dir: Path) -> dict[str, Any]:
+    """The TOKENS directory's meta.json ({} for a .npy file), after the checks that need no weights:
+    the tokens were made with as many codes as `--model` has (else they decode into nonsense, or fail
+    half-way), every shard holds the grid meta.json records, and a .npy file's values are in [0, K)."""
+    meta = _tokens_meta(tokens)
+    made_with = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    K = made_with.get("K")
+    if K is not None and K != config["K"]:
+        raise ConfigError(
+            f"--tokens {tokens} were made by a model with K={K} codes ({made_with.get('path', 'see meta.json')}) "
+            f"but --model {model_dir} has K={config['K']}; decode them with the model that made them."
+        )
+    if tokens.is_file():
+        check_token_grids(next(iter_tokens(tokens))[0], config["K"], f"--tokens {tokens}")
+        return meta
+    _require_index(tokens)
+    for shard in sorted({record["shard"] for record in _read_index(tokens)}):
+        file = tokens / SHARD_NAME.format(shard)
+        try:
+            shape = np.load(file, mmap_mode="r", allow_pickle=False).shape  # the header only
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{file} could not be read ({error}); run dvae-encode again with the same "
+                              f"arguments to redo it.") from error
+        check_grid_shape(shape, f"--tokens {tokens}", meta.get("grid"))
+    return meta
+
+
+def _require_index(path: Path) -> None:
+    if not (path / INDEX_FILE).is_file():
+        raise ConfigError(
+            f"--tokens {path} has no {INDEX_FILE}; pass a directory written by dvae-encode or a .npy file."
+        )
+
+
 def iter_tokens(path: str | Path) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
     """(tokens [n, h, w], index records) per shard of a TOKENS directory, or once for a .npy file
     of [N, h, w] (or one [h, w]) token grids."""
     path = Path(path)
     if path.is_file():
-        try:
-            tokens = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"--tokens {path} could not be read as a .npy file ({error}).") from error
+        tokens = _load_npy(path)
         tokens = tokens[None] if tokens.ndim == 2 else tokens
         if tokens.ndim != 3 or not np.issubdtype(tokens.dtype, np.integer):
             raise ConfigError(
@@ -384,10 +478,7 @@ def iter_tokens(path: str | Path) -> Iterator[tuple[np.ndarray, list[dict[str, A
             )
         yield tokens, [{"i": i, "source": f"{i:06d}"} for i in range(len(tokens))]
         return
-    if not (path / INDEX_FILE).is_file():
-        raise ConfigError(
-            f"--tokens {path} has no {INDEX_FILE}; pass a directory written by dvae-encode or a .npy file."
-        )
+    _require_index(path)
     records = _read_index(path)
     by_shard: dict[int, list[dict[str, Any]]] = {}
     for record in records:
@@ -408,10 +499,10 @@ def count_tokens(path: str | Path) -> int:
     path = Path(path)
     if path.is_file():
         try:
-            shape = np.load(path, mmap_mode="r").shape
-        except (OSError, ValueError):
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        except (OSError, ValueError, AttributeError):  # AttributeError: a .npz archive has no shape
             return 0  # iter_tokens says what is wrong
-        return 1 if len(shape) == 2 else shape[0]
+        return 1 if len(shape) == 2 else (shape[0] if shape else 0)
     return len(_read_index(path)) if (path / INDEX_FILE).is_file() else 0
 
 
@@ -476,6 +567,7 @@ def decode_tokens(model_dir: str | Path, tokens: str | Path, out: str | Path, gr
     if grid and limit is None:
         limit = 64
     dev = resolve_device(device)
+    meta = check_tokens_fit_model(tokens, read_config(model_dir), model_dir)
     model = from_pretrained(model_dir, device=dev)[0]
     source_set = _originals(tokens, model.channels)[0] if originals else None
     total = count_tokens(tokens)
@@ -486,6 +578,7 @@ def decode_tokens(model_dir: str | Path, tokens: str | Path, out: str | Path, gr
         for array, records in iter_tokens(tokens):
             if limit is not None:
                 array, records = array[: limit - written], records[: limit - written]
+            check_token_grids(array, model.K, f"--tokens {tokens}", meta.get("grid"))
             for start in range(0, len(array), batch_size):
                 chunk = torch.from_numpy(array[start:start + batch_size].astype(np.int64)).to(dev)
                 rows = records[start:start + batch_size]

@@ -236,3 +236,57 @@ def test_the_command_exits_with_a_sentence_and_the_scripts_are_declared(tmp_path
     for line in ('dvae-export = "dvae.export:cli"', 'dvae-encode = "dvae.tokens:encode_cli"',
                  'dvae-decode = "dvae.tokens:decode_cli"', '"safetensors'):
         assert line in pyproject
+
+
+def one_sentence_error(capsys, tool):
+    """The command's stderr: one line starting with 'TOOL: error: ', no traceback."""
+    error = capsys.readouterr().err
+    assert error.startswith(f"{tool}: error: ") and error.count("\n") == 1 and "Traceback" not in error, error
+    return error
+
+
+def write_notes(path):
+    path.write_text("my notes, not a checkpoint\n")
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("txt_as_checkpoint", "could not be read as a training checkpoint"),
+    ("torch_file_not_a_checkpoint", "is not a dvae-train checkpoint"),
+    ("missing_source", "does not exist"),
+    ("out_is_a_file", "is a file, not a directory"),
+    ("out_under_a_file", "could not write --out"),
+])
+def test_dvae_export_refuses_wrong_inputs_with_exit_2_and_touches_nothing(case, message, run_dir, tmp_path, capsys):
+    notes = write_notes(tmp_path / "notes.txt")
+    source, out = run_dir, tmp_path / "export"
+    if case == "txt_as_checkpoint":
+        source = notes
+    elif case == "torch_file_not_a_checkpoint":
+        source = tmp_path / "weights.ckpt"
+        torch.save({"weights": torch.zeros(2)}, source)
+    elif case == "missing_source":
+        source = tmp_path / "no_such_run"
+    elif case == "out_is_a_file":
+        out = notes
+    else:
+        out = notes / "export"
+    assert main([str(source), "--out", str(out)]) == 2
+    assert message in one_sentence_error(capsys, "dvae-export")
+    assert notes.read_text() == "my notes, not a checkpoint\n"
+    user_files = {"notes.txt"} | ({source.name} if source.parent == tmp_path and source.exists() else set())
+    assert {p.name for p in tmp_path.iterdir()} == user_files  # nothing written, nothing removed
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(K="32"), "K='32', not a positive integer"),
+    (lambda c: c["model"].update(K=-1), "does not describe a DVAE"),
+    (lambda c: c.update(format_version="one"), "not a number"),
+])
+def test_a_hand_edited_dvae_json_is_refused_with_a_sentence(edit, message, exports, tmp_path):
+    out = damaged_copy(exports, "safetensors", tmp_path)
+    config = json.loads((out / "dvae.json").read_text())
+    edit(config)
+    (out / "dvae.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message):
+        DVAE.from_pretrained(out)

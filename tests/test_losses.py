@@ -131,3 +131,18 @@ def test_psnr_per_image():
     y[0] += 0.1
     y[1] += 0.01
     torch.testing.assert_close(psnr(x, y), torch.tensor([20.0, 40.0]))
+
+
+@pytest.mark.parametrize("x, mu, log_scale, error, match", [
+    (torch.zeros(2, dtype=torch.uint8), torch.zeros(2), torch.zeros(2), TypeError, r"x must be a floating.*/ 255"),
+    (torch.zeros(2), torch.zeros(3), torch.zeros(2), ValueError, "do not broadcast"),
+    (torch.zeros(2), torch.zeros(2), 0.0, TypeError, "log_scale must be a torch.Tensor"),
+])
+def test_nll_refuses_what_it_cannot_compute_with_a_sentence(x, mu, log_scale, error, match):
+    with pytest.raises(error, match=match):
+        logit_laplace_nll(x, mu, log_scale)
+
+
+def test_bits_per_dim_of_no_pixels_is_refused_not_nan():
+    with pytest.raises(ValueError, match="at least one pixel"):
+        bits_per_dim(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(()))

@@ -1,9 +1,12 @@
+import math
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from dvae.codebook import GumbelCodebook, gumbel_softmax, perplexity
-from dvae.model import DVAE
+from dvae.losses import logit_laplace_nll
+from dvae.model import DEFAULT_LOG_SCALE_FLOOR, DVAE
 
 TINY = dict(n_hid=16, blocks_per_group=1, groups=3, K=64, n_init=16)
 
@@ -83,6 +86,8 @@ def test_codebook_is_the_decoder_weight_itself():
     (torch.randint(0, 255, (1, 3, 16, 16), dtype=torch.uint8), "floating point"),
     (torch.rand(1, 3, 18, 16), "multiples of 4"),
     ("not a tensor", "torch.Tensor"),
+    (torch.rand(1, 3, 16, 16) * 255, r"in \[0, 1\].*/ 255"),
+    (torch.full((1, 3, 16, 16), float("nan")), "NaN"),
 ])
 def test_wrong_images_are_refused_with_what_to_pass(images, match):
     with pytest.raises(ValueError, match=match):
@@ -94,10 +99,23 @@ def test_wrong_images_are_refused_with_what_to_pass(images, match):
     (torch.zeros(1, 4, 4), "integers"),
     (torch.full((1, 4, 4), 64), r"\[0, 64\)"),
     (torch.full((1, 4, 4), -1), r"\[0, 64\)"),
+    (torch.zeros(1, 0, 4, dtype=torch.long), "at least 1x1"),
 ])
 def test_wrong_tokens_are_refused(tokens, match):
     with pytest.raises(ValueError, match=match):
         DVAE(**TINY).decode(tokens)
+
+
+def test_encode_takes_any_float_dtype_and_decode_any_integer_dtype():
+    model = DVAE(**TINY).eval()
+    images = torch.randint(0, 9, (2, 3, 16, 16), generator=torch.Generator().manual_seed(0)) / 8  # exact in half
+    with torch.no_grad():
+        tokens = model.encode(images)
+        for dtype in (torch.float16, torch.bfloat16, torch.float64):
+            assert torch.equal(model.encode(images.to(dtype)), tokens), dtype
+        images_back = model.decode(tokens)
+        for dtype in (torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32):
+            assert torch.equal(model.decode(tokens.to(dtype)), images_back), dtype
 
 
 def test_gumbel_softmax_is_a_distribution_and_hard_is_one_hot():
@@ -127,10 +145,43 @@ def test_codebook_eval_uses_argmax_and_kl_matches_formula():
     q = logits.softmax(1)
     torch.testing.assert_close(book.kl_to_uniform(logits), (q * (q * 8).log()).sum(1))
     assert book.kl_to_uniform(torch.zeros(1, 8, 1, 1)).abs().max() < 1e-6
-    with pytest.raises(ValueError, match="tau"):
-        book.train()(logits, tau=0.0)
+    for tau in (0.0, float("nan")):
+        with pytest.raises(ValueError, match="tau"):
+            book.train()(logits, tau=tau)
 
 
 def test_perplexity():
     assert perplexity(torch.tensor([5, 5, 5, 5])).item() == pytest.approx(4.0)
     assert perplexity(torch.tensor([7, 0, 0])).item() == pytest.approx(1.0)
+
+
+def train_on_a_constant_image(log_scale_floor, steps=150):
+    """(lowest ln b of each step, loss of each step) of a tiny DVAE trained with AdamW (lr 1e-2, cosine
+    decay) on copies of one flat grey image: the decoder can predict every pixel exactly, the case in
+    which the logit-Laplace likelihood rewards b -> 0 without bound."""
+    torch.manual_seed(0)
+    model = DVAE(n_hid=8, blocks_per_group=1, groups=2, K=16, n_init=8, log_scale_floor=log_scale_floor)
+    images = torch.full((4, 3, 8, 8), 0.6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=1e-4)
+    lowest, losses = [], []
+    for _ in range(steps):
+        out = model(images, tau=1.0)
+        loss = logit_laplace_nll(images, out.mu, out.log_scale).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        decay.step()
+        lowest.append(out.log_scale.min().item())
+        losses.append(loss.item())
+    return lowest, losses
+
+
+def test_the_log_scale_floor_holds_where_constant_images_drive_b_to_zero():
+    floor = DEFAULT_LOG_SCALE_FLOOR
+    lowest, losses = train_on_a_constant_image(floor)
+    assert min(lowest) >= floor and all(math.isfinite(loss) for loss in losses)
+    assert lowest[0] > floor + 1 and lowest[-1] < floor + 0.5  # pushed from far above down to the floor
+    # Not vacuous: with a floor far below, the same training takes ln b past the default floor.
+    unfloored, losses = train_on_a_constant_image(-20.0)
+    assert unfloored[-1] < floor - 0.25 and all(math.isfinite(loss) for loss in losses)

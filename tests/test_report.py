@@ -78,13 +78,29 @@ def test_report_on_a_single_run_directory(tmp_path):
     assert (run / "report.png").is_file()
 
 
+def refused(argv, capsys):
+    """dvae-report's stderr after it exits with status 2: one line, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("dvae-report: error: ") and error.count("\n") == 1 and "Traceback" not in error, error
+    return error
+
+
 def test_report_on_a_directory_without_runs_says_what_to_pass(tmp_path, capsys):
-    for path in (tmp_path, tmp_path / "missing"):
-        with pytest.raises(SystemExit) as exit_info:
-            main([str(path)])
-        assert exit_info.value.code == 2
-        error = capsys.readouterr().err
-        assert error.startswith("dvae-report: error: ") and "multirun/DATE/TIME" in error
+    (tmp_path / "notes.txt").write_text("mine")
+    for path in (tmp_path, tmp_path / "missing", tmp_path / "notes.txt"):
+        assert "multirun/DATE/TIME" in refused([str(path)], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_report_that_cannot_be_written_is_one_sentence(tmp_path, capsys):
+    run = tmp_path / "run"
+    make_job(run, ["data=shapes"], METRICS)
+    (run / "report.md").mkdir()  # stands for a directory the user cannot write to (tests run as root)
+    assert "could not write the report" in refused([str(run), "--no-plot"], capsys)
 
 
 def test_edge_psnr_counts_only_pixels_near_strong_gradients():

@@ -43,3 +43,29 @@ def test_zero_steps_jumps_to_end():
 def test_bad_schedules_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Schedule(**kwargs)
+
+
+def test_a_huge_step_holds_the_end_and_a_negative_one_is_refused():
+    s = Schedule("cosine", 1.0, 0.5, 10, warmup=3)
+    assert s(10**400) == 0.5 and s(10**30) == 0.5
+    with pytest.raises(ValueError, match="step -1 must be >= 0"):
+        s(-1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "exponential"])
+def test_values_stay_between_start_and_end_at_the_ends_of_the_float_range(kind):
+    low, high = (1e-300, 1e300) if kind == "exponential" else (-1e308, 1e308)
+    for start, end in ((low, high), (high, low)):
+        values = [Schedule(kind, start, end, 10)(step) for step in range(11)]
+        assert all(math.isfinite(v) and low <= v <= high for v in values)
+        assert values[0] == start and values[-1] == end
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(kind="linear", start="1", end=0, steps=1), TypeError, "start must be a number"),
+    (dict(kind="linear", start=1, end=float("nan"), steps=1), ValueError, "end must be finite"),
+    (dict(kind="linear", start=1, end=0, steps=float("inf")), ValueError, "steps must be finite"),
+])
+def test_non_numbers_and_non_finite_settings_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Schedule(**kwargs)

@@ -229,3 +229,111 @@ def test_an_unreadable_image_stops_the_run_and_the_fixed_folder_continues(model_
     assert encode(model_dir, folder, out, "--shard-size", "1", "--batch-size", "1") == 0
     assert "continuing after 3 of 4" in capsys.readouterr().err
     assert load_tokens(out)[1] == ["a.png", "b.png", "c.png", "d.png"]
+
+
+# --------------------------------------------------------------------------- wrong input to the commands
+
+
+def untrained_export(path, K):
+    """An export of a model like the trained one (4x4 pixels per token) but with K codes."""
+    DVAE(n_hid=8, blocks_per_group=1, groups=3, K=K, n_init=8).save_pretrained(path, metadata={"image_size": 16})
+    return path
+
+
+def one_sentence_error(capsys, tool):
+    error = capsys.readouterr().err
+    assert error.startswith(f"{tool}: error: ") and error.count("\n") == 1 and "Traceback" not in error, error
+    return error
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def no_weights_read(monkeypatch):
+    """Loading the model's weights fails the test: the refusals come before that work."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were read before the input was checked")
+
+    monkeypatch.setattr(tokens_module, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("model_missing", "does not exist"),
+    ("model_is_a_txt_file", "is a file, not a directory"),
+    ("data_is_a_txt_file", "is neither a folder of images nor a data config"),
+    ("data_yaml_is_not_a_mapping", "does not hold a data config"),
+    ("out_is_a_file", "is a file, not a directory"),
+    ("out_holds_tokens_of_another_K", "made with a different model"),
+])
+def test_dvae_encode_refuses_wrong_inputs_before_reading_weights(case, message, model_dir, image_dir, encoded,
+                                                                 tmp_path, capsys, no_weights_read):
+    import shutil
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    model, data, out = model_dir, image_dir, tmp_path / "tokens"
+    if case == "model_missing":
+        model = tmp_path / "no_such_export"
+    elif case == "model_is_a_txt_file":
+        model = notes
+    elif case == "data_is_a_txt_file":
+        data = notes
+    elif case == "data_yaml_is_not_a_mapping":
+        data = tmp_path / "data.yaml"
+        data.write_text("- just\n- a list\n")
+    elif case == "out_is_a_file":
+        out = notes
+    else:
+        out = shutil.copytree(encoded, tmp_path / "tokens")
+        model = untrained_export(tmp_path / "k16", K=16)
+    before = snapshot(tmp_path)
+    assert encode(model, data, out) == 2
+    assert message in one_sentence_error(capsys, "dvae-encode")
+    assert snapshot(tmp_path) == before  # nothing the user had was changed, nothing was added
+
+
+@pytest.mark.parametrize("case, message", [
+    ("tokens_missing", "does not exist"),
+    ("tokens_are_a_txt_file", "could not be read as a .npy file"),
+    ("tokens_are_an_npz_archive", "is a .npz archive"),
+    ("tokens_are_an_image_folder", "has no index.jsonl"),
+    ("negative_tokens", "token values in [-1, 31]"),
+    ("tokens_at_K", "32] but the model has K=32"),
+    ("empty_grids", "empty token grids"),
+    ("grid_unlike_meta", "holds 2x2 token grids but its meta.json says 4x4"),
+    ("model_with_fewer_codes", "made by a model with K=32 codes"),
+    ("model_with_more_codes", "made by a model with K=32 codes"),
+])
+def test_dvae_decode_refuses_wrong_inputs_before_reading_weights(case, message, model_dir, image_dir, encoded,
+                                                                 tmp_path, capsys, no_weights_read):
+    import shutil
+
+    model, tokens = model_dir, tmp_path / "tokens.npy"
+    grids = np.arange(2 * 4 * 4).reshape(2, 4, 4) % 32
+    if case == "tokens_missing":
+        tokens = tmp_path / "no_such_tokens"
+    elif case == "tokens_are_a_txt_file":
+        tokens = tmp_path / "tokens.txt"
+        tokens.write_text("1 2 3\n")
+    elif case == "tokens_are_an_npz_archive":
+        tokens = tmp_path / "tokens.npz"
+        np.savez(tokens, grids=grids)
+    elif case == "tokens_are_an_image_folder":
+        tokens = image_dir
+    elif case in ("negative_tokens", "tokens_at_K"):
+        grids[0, 0, 0] = -1 if case == "negative_tokens" else 32
+        np.save(tokens, grids)
+    elif case == "empty_grids":
+        np.save(tokens, np.zeros((2, 0, 4), np.int64))
+    elif case == "grid_unlike_meta":
+        tokens = shutil.copytree(encoded, tmp_path / "tokens")
+        np.save(tokens / "shard_00000.npy", np.zeros((2, 2, 2), np.uint16))
+    else:  # a TOKENS directory of the K=32 model decoded by a model with 16 or 64 codes
+        tokens = encoded
+        model = untrained_export(tmp_path / "other", K=16 if case == "model_with_fewer_codes" else 64)
+    before = snapshot(tmp_path)
+    assert decode(model, tokens, tmp_path / "decoded") == 2
+    assert message in one_sentence_error(capsys, "dvae-decode")
+    assert snapshot(tmp_path) == before and not (tmp_path / "decoded").exists()
