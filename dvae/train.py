@@ -267,7 +267,8 @@ def build_module(cfg: DictConfig):
         groups=m.groups, K=m.K, n_init=m.n_init, hard=m.hard, pixel_eps=cfg.pixel_eps,
         loss=cfg.loss, scale_mode=s.mode, scale_value=s.get("value") or 0.1,
         scale_start=s.get("start", 0.5), scale_end=s.get("end", 0.05),
-        scale_steps=s.get("steps", 1000), log_scale_floor=s.get("log_floor") or DEFAULT_LOG_SCALE_FLOOR,
+        scale_steps=s.get("steps", 1000),
+        log_scale_floor=DEFAULT_LOG_SCALE_FLOOR if s.get("log_floor") is None else s.log_floor,
         tau_start=cfg.temperature.start, tau_end=cfg.temperature.end, tau_steps=cfg.temperature.steps,
         beta_start=cfg.kl_weight.start, beta_end=cfg.kl_weight.end, beta_steps=cfg.kl_weight.steps,
         lr=cfg.optim.lr, lr_end=cfg.optim.lr_end, lr_warmup_steps=cfg.optim.warmup_steps,
@@ -328,13 +329,16 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     apply_scale_shorthand(cfg, overrides)
     pretrained = load_init_from(cfg) if resume_from is None else None
     validate_config(cfg)
-    check_writable(run_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    try:
+        module = build_module(cfg)
+    except (ValueError, TypeError) as error:  # a setting the model or a schedule refuses, e.g. scale.log_floor=nan
+        raise ConfigError(f"{error}") from error
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    check_writable(run_dir)
     if rank_zero():
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = build_module(cfg)
     if pretrained is not None:
         module.model.load_state_dict(pretrained.state_dict())
         module.ema.module.load_state_dict(pretrained.state_dict())

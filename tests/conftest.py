@@ -25,3 +25,10 @@ def compose_config(overrides=()):
 @pytest.fixture
 def fast_config():
     return lambda *overrides: compose_config([*FAST, *overrides])
+
+
+def one_sentence_error(capsys, tool):
+    """The command's stderr: one line starting with 'TOOL: error: ', no traceback."""
+    error = capsys.readouterr().err
+    assert error.startswith(f"{tool}: error: ") and error.count("\n") == 1 and "Traceback" not in error, error
+    return error

@@ -19,7 +19,7 @@ from dvae.lightning import DVAELightning
 from dvae.model import DVAE
 from dvae.train import train
 
-from .conftest import FAST, compose_config
+from .conftest import FAST, compose_config, one_sentence_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -236,13 +236,6 @@ def test_the_command_exits_with_a_sentence_and_the_scripts_are_declared(tmp_path
     for line in ('dvae-export = "dvae.export:cli"', 'dvae-encode = "dvae.tokens:encode_cli"',
                  'dvae-decode = "dvae.tokens:decode_cli"', '"safetensors'):
         assert line in pyproject
-
-
-def one_sentence_error(capsys, tool):
-    """The command's stderr: one line starting with 'TOOL: error: ', no traceback."""
-    error = capsys.readouterr().err
-    assert error.startswith(f"{tool}: error: ") and error.count("\n") == 1 and "Traceback" not in error, error
-    return error
 
 
 def write_notes(path):

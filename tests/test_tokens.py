@@ -16,7 +16,7 @@ from dvae.model import DVAE
 from dvae.tokens import decode_main, encode_main, load_image, load_tokens, to_uint8
 from dvae.train import train
 
-from .conftest import FAST, compose_config
+from .conftest import FAST, compose_config, one_sentence_error
 
 
 @pytest.fixture(scope="module")
@@ -238,12 +238,6 @@ def untrained_export(path, K):
     """An export of a model like the trained one (4x4 pixels per token) but with K codes."""
     DVAE(n_hid=8, blocks_per_group=1, groups=3, K=K, n_init=8).save_pretrained(path, metadata={"image_size": 16})
     return path
-
-
-def one_sentence_error(capsys, tool):
-    error = capsys.readouterr().err
-    assert error.startswith(f"{tool}: error: ") and error.count("\n") == 1 and "Traceback" not in error, error
-    return error
 
 
 def snapshot(folder):
