@@ -275,6 +275,15 @@ class DVAELightning(L.LightningModule):
             metrics["val/bits_per_dim"] = self.val_bits_per_dim.compute()
         self.log_dict(metrics, prog_bar=False)
         self.log("val_psnr", metrics["val/psnr"], prog_bar=True, logger=False)
+        self.reset_validation_metrics()
+
+    def on_validation_epoch_start(self) -> None:
+        # reset() gives every state a fresh tensor: under ddp_spawn on a CPU the states arrive in
+        # shared memory (Lightning unshares parameters and buffers, not metric states), and the ranks
+        # would otherwise add into one tensor.
+        self.reset_validation_metrics()
+
+    def reset_validation_metrics(self) -> None:
         for metric in (self.val_psnr, self.val_psnr_mean_color, self.val_psnr_edges,
                        self.val_bits_per_dim, self.val_code_counts, self.val_images):
             metric.reset()
