@@ -199,8 +199,11 @@ class DVAELightning(L.LightningModule):
             for p in self.model.parameters():
                 p.grad = None
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        step = self.global_step  # already counts this update
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The update, then the EMA and the guard's bookkeeping: here rather than in on_train_batch_end,
+        because callbacks (the periodic checkpoint) see the batch end before the module does."""
+        super().optimizer_step(*args, **kwargs)
+        step = self.global_step + 1  # the update just made
         if not self.skip_this_update:
             self.ema.update_parameters(self.model)
             self.bad_steps_in_a_row, self.first_bad_step = 0, None
@@ -211,7 +214,7 @@ class DVAELightning(L.LightningModule):
             self.first_bad_step = self.first_bad_step or step
             self.print(f"dvae-train: step {step}: the loss or a gradient is not finite; this update was skipped "
                        f"({self.bad_steps_in_a_row} in a row, {self.bad_steps_total} in all).")
-        self.log("train/skipped_updates", float(self.bad_steps_total), batch_size=batch.shape[0])
+        self.log("train/skipped_updates", float(self.bad_steps_total))
         if self.bad_steps_in_a_row >= self.hparams.max_bad_steps:
             raise NonFiniteTraining(
                 f"the loss or gradients were not finite for {self.bad_steps_in_a_row} updates in a row (steps "

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .common import EpochSampler
+from .common import EpochSampler, RankShard, ResumableLoader, stable_seed
 from .folder import build_folder
 from .photos import build_photos
 from .shapes import build_shapes
@@ -110,27 +110,48 @@ class DVAEDataModule(L.LightningDataModule):
         return build(self.root, self.crop_size, self.train_samples, self.seed, self.random_flip,
                      self.download)
 
+    def ranks(self) -> tuple[int, int]:
+        """(rank, world size) of this process: from the Trainer when one is attached, else (0, 1)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def per_rank_batch_size(self, world_size: int, global_batch: int) -> int:
+        if global_batch % world_size:
+            raise ConfigError(
+                f"data.batch_size={global_batch} is the global batch and must split evenly over the {world_size} "
+                f"processes; use a multiple of {world_size}."
+            )
+        return global_batch // world_size
+
     def train_dataloader(self) -> DataLoader:
-        # EpochSampler shuffles, and hands out new indices every epoch so crops are fresh each epoch.
-        return DataLoader(
+        # EpochSampler shuffles, deals the epoch out to the ranks, and hands out new indices every epoch
+        # so crops are fresh each epoch; ResumableLoader lets Lightning resume inside an epoch.
+        rank, world = self.ranks()
+        return ResumableLoader(
             self.train_set,
-            batch_size=self.batch_size,
-            sampler=EpochSampler(len(self.train_set), self.seed),
+            batch_size=self.per_rank_batch_size(world, self.batch_size),
+            sampler=EpochSampler(len(self.train_set), self.seed, rank, world),
             drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            # its own generator: creating an iterator must not draw from torch's global RNG (exact resume)
+            generator=torch.Generator().manual_seed(stable_seed("loader", self.seed)),
         )
 
     def val_dataloader(self) -> DataLoader:
+        rank, world = self.ranks()
         return DataLoader(
             self.val_set,
-            batch_size=self.val_batch_size or self.batch_size,
-            shuffle=False,
+            batch_size=self.val_batch_size or self.per_rank_batch_size(world, self.batch_size),
+            sampler=RankShard(len(self.val_set), rank, world),
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(stable_seed("loader", self.seed)),
         )
 
 
