@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data.common import center_crop, resize, to_unit_float
-from .data.folder import IMAGE_EXTENSIONS, find_images, read_rgb
+from .data.folder import IMAGE_EXTENSIONS, read_rgb, walk_images
 from .errors import ConfigError
 from .pretrained import atomic_write, check_out_dir, fingerprint, from_pretrained, read_config, write_json
 
@@ -120,7 +120,7 @@ def open_images(data: str, size: int, channels: int, split: str = "val",
     data config .yaml file; a config's `split` (val or train) is read through `build_datamodule`."""
     path = Path(data).expanduser()
     if path.is_dir():
-        paths, seen = find_images(path)
+        paths, seen = walk_images(path)
         if not paths:
             raise ConfigError(
                 f"--data {data} contains no image files ({seen} files seen; accepted: "

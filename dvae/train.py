@@ -389,9 +389,15 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         "world_size": trainer.world_size,
         "wall_seconds": round(wall, 2),
     }
+    bad_files = datamodule.bad_files()
+    metrics["bad_files"] = len(bad_files)
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print_summary(metrics, run_dir)
+        if bad_files:
+            (run_dir / "bad_files.txt").write_text("".join(f"{path}\t{why}\n" for path, why in bad_files))
+            print(f"dvae-train: {len(bad_files)} unreadable file(s) were skipped; they are listed in "
+                  f"{run_dir / 'bad_files.txt'}", file=sys.stderr)
     value = metrics[cfg.get("optimized_metric", "psnr")]
     return float("nan") if value is None else float(value)
 

@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ from hydra import compose, initialize_config_module
 # Tests never talk to the internet or to an account.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# data=folder caches its file index under XDG_CACHE_HOME: not in the home directory of whoever runs the tests.
+os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="dvae-test-cache-"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # A few-second run: small crops, few steps, a tiny validation set.

@@ -298,7 +298,10 @@ def test_mnist_fixture(tmp_path: Path):
 
 
 @pytest.mark.parametrize(("options", "key"), [
-    (dict(source="imagenet"), "data.name"),
+    (dict(source="laion"), "data.name"),
+    (dict(augment="strong"), "data.augment"),
+    (dict(on_bad_file="ignore"), "data.on_bad_file"),
+    (dict(augment="paper"), "data.augment"),
     (dict(crop_size=4), "data.crop_size"),
     (dict(crop_size=0), "data.crop_size"),
     (dict(crop_size=32.5), "data.crop_size"),
@@ -315,8 +318,8 @@ def test_bad_options(options: dict, key: str):
 
 
 def test_unknown_source_lists_choices():
-    with pytest.raises(ConfigError, match="photos, shapes, folder, mnist, cifar10"):
-        DVAEDataModule("imagenet")
+    with pytest.raises(ConfigError, match="photos, shapes, folder, mnist, cifar10, celeba, imagenet, webdataset"):
+        DVAEDataModule("laion")
 
 
 def test_build_datamodule_from_config(image_tree: Path):

@@ -78,7 +78,7 @@ def test_cli_bad_input_exits_nonzero_with_a_sentence(args, key, tmp_path):
 def test_cli_help_lists_groups_and_options(tmp_path):
     result = run_cli("--help", cwd=tmp_path, timeout=60)
     assert result.returncode == 0
-    for line in ("data: cifar10, folder, mnist, photos, shapes",
+    for line in ("data: celeba, cifar10, folder, imagenet, mnist, photos, shapes, webdataset",
                  "scale: constant, cosine, exponential, learned, linear",
                  "strategy: auto, ddp, ddp_spawn, deepspeed, fsdp, slurm, torchrun", "logger: csv, tensorboard, wandb"):
         assert line in result.stdout

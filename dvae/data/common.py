@@ -43,6 +43,22 @@ def random_crop(image: Tensor, size: int, rng: random.Random, flip: bool) -> Ten
     return crop
 
 
+AUGMENTATIONS = ("crop", "paper")
+
+
+def paper_augment(image: Tensor, size: int, rng: random.Random, flip: bool) -> Tensor:
+    """The paper's augmentation, scaled to `size` (paper-facts.md, for size 256): a random square crop of
+    side s (the shorter side), an area (antialiased) resize to a random side in
+    [min(s, 1.125 size), min(s, 1.5 size)] (288 and 384 for 256), a random `size` crop, a random flip."""
+    _, height, width = image.shape
+    side = min(height, width)
+    top, left = rng.randint(0, height - side), rng.randint(0, width - side)
+    square = image[:, top : top + side, left : left + side]
+    low, high = min(side, round(1.125 * size)), min(side, round(1.5 * size))
+    target = rng.randint(low, high)
+    return random_crop(resize(square, target, target), size, rng, flip)
+
+
 def center_crop(image: Tensor, size: int) -> Tensor:
     _, height, width = image.shape
     top = (height - size) // 2
@@ -81,7 +97,10 @@ class CroppedImages(Dataset[Tensor]):
     channels: int = 3
 
     def __init__(self, num_images: int, crop_size: int, train: bool, seed: int, random_flip: bool,
-                 min_length: int = 0, resize_to: int | None = None) -> None:
+                 min_length: int = 0, resize_to: int | None = None, augment: str = "crop") -> None:
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment={augment!r} is not known; use one of {', '.join(AUGMENTATIONS)}.")
+        self.augment = augment
         self.num_images = num_images
         self.crop_size = crop_size
         self.train = train
@@ -104,7 +123,8 @@ class CroppedImages(Dataset[Tensor]):
         image = grow_to_fit(image, self.crop_size)
         if self.train:
             rng = item_rng(type(self).__name__, self.seed, index)
-            crop = random_crop(image, self.crop_size, rng, self.random_flip)
+            augment = paper_augment if self.augment == "paper" else random_crop
+            crop = augment(image, self.crop_size, rng, self.random_flip)
         else:
             crop = center_crop(image, self.crop_size)
         return to_unit_float(crop)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import numbers
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,13 +18,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .common import EpochSampler, RankShard, ResumableLoader, stable_seed
-from .folder import build_folder
+from .common import AUGMENTATIONS, EpochSampler, RankShard, ResumableLoader, stable_seed
+from .folder import BadFiles, build_folder
+from .large import ShardStream, StreamLoader, build_celeba, build_imagenet, build_webdataset
 from .photos import build_photos
 from .shapes import build_shapes
 from .torchvision_sets import build_cifar10, build_mnist
 
-SOURCES = ("photos", "shapes", "folder", "mnist", "cifar10")
+SOURCES = ("photos", "shapes", "folder", "mnist", "cifar10", "celeba", "imagenet", "webdataset")
+BAD_FILE_POLICIES = ("skip", "error")
 MIN_CROP_SIZE = 8
 
 
@@ -39,7 +42,9 @@ class DVAEDataModule(L.LightningDataModule):
     def __init__(self, source: str = "photos", root: str | None = None, crop_size: int = 32,
                  batch_size: int = 64, num_workers: int = 0, random_flip: bool = True, seed: int = 0,
                  train_samples: int = 4096, val_samples: int = 256, val_fraction: float = 0.05,
-                 download: bool = False, val_batch_size: int | None = None, min_scale: float = 0.25) -> None:
+                 download: bool = False, val_batch_size: int | None = None, min_scale: float = 0.25,
+                 augment: str = "crop", on_bad_file: str = "skip", rescan: bool = False, index: str | None = None,
+                 urls: Any = None, val_urls: Any = None, shuffle_buffer: int = 1000) -> None:
         super().__init__()
         self.source = source
         self.root = None if root is None else os.fspath(root)
@@ -54,7 +59,15 @@ class DVAEDataModule(L.LightningDataModule):
         self.download = download
         self.val_batch_size = val_batch_size
         self.min_scale = min_scale
+        self.augment = augment
+        self.on_bad_file = on_bad_file
+        self.rescan = rescan
+        self.index = index
+        self.urls = urls
+        self.val_urls = val_urls
+        self.shuffle_buffer = shuffle_buffer
         self.validate()
+        self.bad_file_log = BadFiles(tempfile.mkdtemp(prefix="dvae-bad-files-"))
         # Built here rather than in setup(): missing files must fail now, before training starts.
         self.train_set, self.val_set = self._build_datasets()
 
@@ -82,7 +95,14 @@ class DVAEDataModule(L.LightningDataModule):
                 f"data.train_samples={self.train_samples} is smaller than data.batch_size={self.batch_size}, "
                 f"which leaves no full training batch; raise data.train_samples or lower data.batch_size."
             )
-        for key in ("random_flip", "download"):
+        _check_int("shuffle_buffer", self.shuffle_buffer, 1)
+        for key, choices in (("augment", AUGMENTATIONS), ("on_bad_file", BAD_FILE_POLICIES)):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"data.{key}={getattr(self, key)!r} is not known; use one of {', '.join(choices)}.")
+        if self.augment == "paper" and self.source in ("photos", "shapes", "mnist"):
+            raise ConfigError(f"data.augment=paper does not apply to data={self.source} (it has its own crops); "
+                              "use it with folder, celeba, imagenet, cifar10 or webdataset.")
+        for key in ("random_flip", "download", "rescan"):
             if not isinstance(getattr(self, key), bool):
                 value = getattr(self, key)
                 raise ConfigError(f"data.{key}={value!r} is not a boolean; set data.{key} to true or false.")
@@ -103,12 +123,25 @@ class DVAEDataModule(L.LightningDataModule):
                                 self.seed, self.random_flip)
         if self.source == "shapes":
             return build_shapes(self.crop_size, self.train_samples, self.val_samples, self.seed)
+        files = {"augment": self.augment, "on_bad_file": self.on_bad_file, "bad_files": self.bad_file_log}
         if self.source == "folder":
             return build_folder(self.root, self.crop_size, self.train_samples, float(self.val_fraction),
-                                self.seed, self.random_flip)
+                                self.seed, self.random_flip, rescan=self.rescan, index=self.index, **files)
+        if self.source == "celeba":
+            return build_celeba(self.root, self.crop_size, self.train_samples, self.seed, self.random_flip, **files)
+        if self.source == "imagenet":
+            return build_imagenet(self.root, self.crop_size, self.train_samples, self.seed, self.random_flip,
+                                  rescan=self.rescan, **files)
+        if self.source == "webdataset":
+            return build_webdataset(self.urls, self.val_urls, self.crop_size, self.train_samples, self.seed,
+                                    self.random_flip, self.augment, self.shuffle_buffer)
         build = build_mnist if self.source == "mnist" else build_cifar10
         return build(self.root, self.crop_size, self.train_samples, self.seed, self.random_flip,
-                     self.download)
+                     self.download, **({"augment": self.augment} if self.source == "cifar10" else {}))
+
+    def bad_files(self) -> list[tuple[str, str]]:
+        """(path, reason) of every file skipped as unreadable so far, from all workers of this process."""
+        return self.bad_file_log.entries()
 
     def ranks(self) -> tuple[int, int]:
         """(rank, world size) of this process: from the Trainer when one is attached, else (0, 1)."""
@@ -126,9 +159,13 @@ class DVAEDataModule(L.LightningDataModule):
         return global_batch // world_size
 
     def train_dataloader(self) -> DataLoader:
+        rank, world = self.ranks()
+        if isinstance(self.train_set, ShardStream):
+            self.train_set.rank, self.train_set.world_size = rank, world
+            return StreamLoader(self.train_set, batch_size=self.per_rank_batch_size(world, self.batch_size),
+                                drop_last=True, num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
         # EpochSampler shuffles, deals the epoch out to the ranks, and hands out new indices every epoch
         # so crops are fresh each epoch; ResumableLoader lets Lightning resume inside an epoch.
-        rank, world = self.ranks()
         return ResumableLoader(
             self.train_set,
             batch_size=self.per_rank_batch_size(world, self.batch_size),
@@ -143,9 +180,14 @@ class DVAEDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self.ranks()
+        batch_size = self.val_batch_size or self.per_rank_batch_size(world, self.batch_size)
+        if isinstance(self.val_set, ShardStream):
+            self.val_set.rank, self.val_set.world_size = rank, world
+            return DataLoader(self.val_set, batch_size=batch_size, num_workers=self.num_workers,
+                              pin_memory=torch.cuda.is_available())
         return DataLoader(
             self.val_set,
-            batch_size=self.val_batch_size or self.per_rank_batch_size(world, self.batch_size),
+            batch_size=batch_size,
             sampler=RankShard(len(self.val_set), rank, world),
             drop_last=False,
             num_workers=self.num_workers,
@@ -199,6 +241,7 @@ def build_datamodule(cfg_data: Mapping[str, Any], seed: int) -> DVAEDataModule:
             raise ConfigError(f"data.{key} is not a data option; remove it or use one of {choices}.")
     if options.get("seed") is None:
         options["seed"] = seed
-    if options.get("root") == "???":  # OmegaConf's "missing": treat as not set
-        options["root"] = None
+    for key in ("root", "urls"):
+        if options.get(key) == "???":  # OmegaConf's "missing": treat as not set
+            options[key] = None
     return DVAEDataModule(**options)

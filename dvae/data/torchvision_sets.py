@@ -22,8 +22,8 @@ class TensorImages(CroppedImages):
     """Crops of images held in one uint8 [N, C, H, W] tensor."""
 
     def __init__(self, images: Tensor, crop_size: int, train: bool, seed: int, random_flip: bool,
-                 min_length: int = 0, resize_to: int | None = None) -> None:
-        super().__init__(len(images), crop_size, train, seed, random_flip, min_length, resize_to)
+                 min_length: int = 0, resize_to: int | None = None, augment: str = "crop") -> None:
+        super().__init__(len(images), crop_size, train, seed, random_flip, min_length, resize_to, augment)
         self.images = images
         self.channels = images.shape[1]
 
@@ -62,13 +62,13 @@ def build_mnist(root: str | None, crop_size: int, train_samples: int, seed: int,
 
 
 def build_cifar10(root: str | None, crop_size: int, train_samples: int, seed: int, random_flip: bool,
-                  download: bool) -> tuple[TensorImages, TensorImages]:
+                  download: bool, augment: str = "crop") -> tuple[TensorImages, TensorImages]:
     """3 x 32 x 32 images: random crops (or upscaled if crop_size > 32) like any other image."""
 
     def split(train: bool) -> TensorImages:
         data = open_torchvision(datasets.CIFAR10, "CIFAR-10", root, train, download).data  # [N, H, W, C]
         images = torch.from_numpy(data).permute(0, 3, 1, 2)
         return TensorImages(images, crop_size, train, seed, random_flip,
-                            min_length=train_samples if train else 0)
+                            min_length=train_samples if train else 0, augment=augment)
 
     return split(True), split(False)
