@@ -107,3 +107,16 @@ def test_empty_image_directory_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="data.root"):
         train(compose_config(["data=folder", f"data.root={tmp_path / 'empty'}"]), run_dir=tmp_path / "run")
+
+
+def test_the_paper_experiment_sets_the_papers_recipe():
+    cfg = compose_config(["experiment=paper", "data.root=/data/images"])
+    assert (cfg.model.n_hid, cfg.model.blocks_per_group, cfg.model.groups, cfg.model.K) == (256, 2, 4, 8192)
+    assert (cfg.data.name, cfg.data.crop_size, cfg.data.batch_size, cfg.data.augment) == ("folder", 256, 512, "paper")
+    assert (cfg.trainer.max_steps, cfg.precision, cfg.strategy.name, cfg.ema.decay) == (3_000_000, "bf16-mixed",
+                                                                                       "ddp", 0.999)
+    assert (cfg.optim.lr, cfg.optim.lr_end, cfg.optim.steps) == (1e-4, 1.25e-6, 1_200_000)
+    assert (cfg.temperature.start, cfg.temperature.end, cfg.temperature.steps) == (1.0, 1 / 16, 150_000)
+    assert (cfg.kl_weight.start, cfg.kl_weight.end, cfg.kl_weight.steps) == (0.0, 6.6, 5000)
+    validate_config(compose_config(["experiment=paper", "data.root=/data/images", "trainer.devices=8",
+                                    "trainer.num_nodes=8"]))

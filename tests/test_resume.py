@@ -18,6 +18,7 @@ import torch
 import dvae.checkpointing
 from dvae.data import DVAEDataModule
 from dvae.errors import ConfigError, TrainingError
+from dvae.loggers import build_loggers
 from dvae.resume import checkpoint_step
 from dvae.train import train
 
@@ -95,13 +96,14 @@ def test_a_run_killed_with_sigkill_and_resumed_equals_the_uninterrupted_run(unin
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(uninterrupted, tmp_path):
+@pytest.mark.parametrize(("sig", "name", "code"), [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGINT, "Ctrl-C", 130)])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_say_how_to_resume(uninterrupted, tmp_path, sig, name, code):
     run_dir = tmp_path / "run"
     process = start(run_dir)
-    _, stderr = stop_after_first_checkpoint(process, run_dir, signal.SIGTERM)
-    assert process.returncode == 143, stderr[-3000:]
+    _, stderr = stop_after_first_checkpoint(process, run_dir, sig)
+    assert process.returncode == code, stderr[-3000:]
     stopped_at = checkpoint_step(run_dir / "checkpoints" / "last.ckpt")
-    assert f"SIGTERM at step {stopped_at}" in stderr
+    assert f"{name} at step {stopped_at}" in stderr
     assert f"dvae-train resume={run_dir}" in stderr
     result = run_cli("resume=auto", f"hydra.run.dir={run_dir}", *RUN, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -187,3 +189,10 @@ def test_resume_of_a_missing_or_unfinished_directory_is_one_sentence(tmp_path):
     result = run_cli(f"resume={tmp_path / 'empty'}", f"hydra.run.dir={tmp_path / 'x'}", cwd=tmp_path)
     assert result.returncode == 2 and "has no config.yaml" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_wandb_continues_the_same_run_id(fast_config, tmp_path):
+    cfg = fast_config("logger=wandb")
+    first, second = build_loggers(cfg, tmp_path)[0], build_loggers(cfg, tmp_path, resume_step=3)[0]
+    assert first._wandb_init["id"] == second._wandb_init["id"] == (tmp_path / "wandb-run-id.txt").read_text().strip()
+    assert second._wandb_init["resume"] == "allow"
