@@ -46,7 +46,8 @@ def gumbel_softmax(logits: Tensor, tau: float, hard: bool = False) -> Tensor:
     The noise is -log(-log(u)) with uniform u: on the CPU this is about 3x faster than the
     exponential sampler behind `F.gumbel_softmax`, and it was 14% of a tiny-model training step.
     """
-    u = torch.rand_like(logits).clamp_(torch.finfo(logits.dtype).tiny, 1.0)
+    # torch.rand (not rand_like): the same noise whatever the memory layout of the logits (channels_last)
+    u = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device).clamp_(torch.finfo(logits.dtype).tiny, 1.0)
     soft = ((logits - torch.log(-torch.log(u))) / tau).softmax(dim=1)
     if not hard:
         return soft

@@ -127,6 +127,8 @@ class DVAELightning(L.LightningModule):
         max_bad_steps: int = 10,
         # torch.compile: the fused loss kernel, and the training model's forward (see docs/benchmarks.md)
         compile_loss: bool = False, compile_model: bool = False,
+        # channels-last (NHWC) activations and weights: oneDNN's fast convolution layout on CPUs and GPUs
+        channels_last: bool = False,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -181,6 +183,27 @@ class DVAELightning(L.LightningModule):
             rec = reconstruction_loss(self.hparams.loss, x, mu, log_scale, self.hparams.pixel_eps).mean()
         kl = model.quantizer.kl_to_uniform(logits).sum(dim=(1, 2)).mean() / x[0].numel()
         return rec, kl, log_scale
+
+    def setup(self, stage: str) -> None:
+        # before the strategy wraps the model (DDP) and builds the optimiser: the same Parameter objects
+        if stage == "fit" and self.hparams.channels_last:
+            self.use_channels_last(True)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self.use_channels_last(False)  # what users load and export computes exactly like dvae-export's
+
+    def use_channels_last(self, enabled: bool) -> None:
+        """NHWC weights (and batches, in on_after_batch_transfer) for training, or back to NCHW."""
+        layout = torch.channels_last if enabled else torch.contiguous_format
+        self.model.to(memory_format=layout)
+        self.ema.to(memory_format=layout)
+        self.channels_last_active = enabled
+
+    def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Tensor:
+        if getattr(self, "channels_last_active", False):
+            return batch.contiguous(memory_format=torch.channels_last)
+        return batch
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         step = self.global_step

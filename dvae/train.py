@@ -43,6 +43,8 @@ SWEEP_PLUGINS = {"hydra/sweeper": ("optuna", "hydra_plugins.hydra_optuna_sweeper
 
 # Noise from Lightning's internals on current torch; nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
+# DVAELightning.on_after_batch_transfer (the channels-last layout) is meant to apply to the data module's batches.
+warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 
 
 def _number(cfg: DictConfig, key: str) -> float:
@@ -276,6 +278,7 @@ def build_module(cfg: DictConfig):
         weight_decay=cfg.optim.weight_decay, ema_decay=cfg.ema.decay,
         max_bad_steps=cfg.guard.max_bad_steps,
         compile_loss=bool(cfg.compile.loss), compile_model=bool(cfg.compile.model),
+        channels_last=bool(cfg.channels_last),
     )
 
 

@@ -102,6 +102,7 @@ def build(model: str, size: int, device: str, precision: str, K: int | None = No
     with initialize_config_module(config_module="dvae.configs", version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     module = build_module(cfg).to(device)
+    module.setup("fit")  # the training layout (channels_last) that dvae-train uses
     optimizer = module.configure_optimizers()["optimizer"]
     datamodule = build_datamodule(cfg.data, seed=0)
     return module, optimizer, datamodule
@@ -118,6 +119,7 @@ def make_step(module, optimizer, device: str, precision: str):
     module.train()
 
     def step(batch):
+        batch = module.on_after_batch_transfer(batch, 0)  # the layout dvae-train gives the batch
         with autocast(device, precision):
             out = module.model(batch, 1.0)
             rec, kl, _ = module.elbo_terms(module.model, batch, out.logits, out.mu, out.log_scale)
@@ -203,6 +205,7 @@ def bench_memory(model: str, size: int, batch: int, device: str, precision: str)
 
 def bench_encode(model: str, size: int, batch: int, device: str, repeats: int, warmup: int) -> dict:
     module, _, _ = build(model, size, device, "32")
+    module.teardown("fit")  # the export path: the NCHW model that DVAE.from_pretrained gives
     dvae = module.ema_model.eval()
     images = torch.rand(batch, 3, size, size, device=device)
     with torch.no_grad():
