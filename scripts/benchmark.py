@@ -1,0 +1,354 @@
+"""Speed and memory of dVAE training, measured side by side in one process: prints a markdown table
+and writes benchmark.json. Every figure is a median over repeats after warm-up, measured in this run.
+
+    .venv/bin/python scripts/benchmark.py                  # CPU: the five measurements (about 2 minutes)
+    .venv/bin/python scripts/benchmark.py --quick          # a smoke run with every key (well under a minute)
+    .venv/bin/python scripts/benchmark.py --compile        # also the training step under torch.compile
+    .venv/bin/python scripts/benchmark.py --device cuda --model dalle --size 256 --precision bf16-mixed
+
+1. the logit-Laplace NLL, forward + backward, against the seed's formulation (32x3x64x64, float32, CPU);
+2. training steps per second as dvae-train takes them (model forward, ELBO, backward, AdamW, EMA), with
+   real data loading and with one preloaded batch;
+3. FLOPs per training step (torch.utils.flop_counter) and achieved GFLOP/s against the matrix-multiply
+   peak measured here with a large torch.mm;
+4. peak memory of a training step at K = 512 and K = 8192 (fused codebook, and the straightforward one at
+   K = 8192): peak RSS of a child process on the CPU, max_memory_allocated on CUDA;
+5. encode throughput (argmax tokens, no gradients), the export path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+from torch.distributions import Laplace
+from torch.utils.flop_counter import FlopCounterMode
+
+from dvae.data import build_datamodule
+from dvae.losses import logit_laplace_nll
+from dvae.train import build_module
+
+PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_module(config_module="dvae.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, repeats: int, warmup: int, device: str = "cpu") -> float:
+    """Median wall time of fn() over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved_medians(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each fn, the calls taken in turn so that load from elsewhere hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_peak(device: str, dtype: torch.dtype, n: int, repeats: int) -> float:
+    """GFLOP/s of an n x n by n x n torch.mm: this machine's practical matrix-multiply limit."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = median_seconds(lambda: torch.mm(a, b), repeats, warmup=2, device=device)
+    return 2 * n**3 / seconds / 1e9
+
+
+def loss_benchmark(repeats: int) -> dict:
+    """logit_laplace_nll forward + backward vs the seed's -Laplace(mu, b).log_prob(logit(x)).mean()."""
+    shape = (32, 3, 64, 64)
+    x = torch.rand(shape)
+    mu = (torch.randn(shape) * 2).requires_grad_()
+    log_scale = (torch.randn(shape) * 0.5 - 1).requires_grad_()
+
+    def run(loss_fn):
+        def step():
+            mu.grad = log_scale.grad = None
+            loss_fn().backward()
+        return step
+
+    def seed():
+        return -Laplace(mu, log_scale.exp()).log_prob(torch.logit(x.clamp(1e-7, 1 - 1e-7))).mean()
+
+    start = time.perf_counter()
+    logit_laplace_nll(x, mu, log_scale, reduction="mean").backward()  # the first call compiles
+    first_call = time.perf_counter() - start
+    medians = interleaved_medians({
+        "seed": run(seed),
+        "elementwise_then_mean": run(lambda: logit_laplace_nll(x, mu, log_scale).mean()),
+        "mean": run(lambda: logit_laplace_nll(x, mu, log_scale, reduction="mean")),
+    }, repeats, warmup=3)
+    return {
+        "shape": list(shape),
+        "seed_ms": 1e3 * medians["seed"],
+        "elementwise_then_mean_ms": 1e3 * medians["elementwise_then_mean"],
+        "mean_ms": 1e3 * medians["mean"],
+        "speedup_elementwise_then_mean": medians["seed"] / medians["elementwise_then_mean"],
+        "speedup_mean": medians["seed"] / medians["mean"],
+        "first_call_with_compile_s": first_call,
+    }
+
+
+class TrainStep:
+    """One dvae-train update on a fixed module: forward, ELBO (DVAELightning.elbo_terms), backward,
+    AdamW and its schedule, EMA update."""
+
+    def __init__(self, cfg, device: str, precision: str, compile_model: bool = False, fused: bool = True):
+        torch.manual_seed(cfg.seed)
+        self.module = build_module(cfg).to(device)
+        self.module.model.quantizer.fused = fused
+        self.model = torch.compile(self.module.model) if compile_model else self.module.model
+        optim = self.module.configure_optimizers()
+        self.optimizer, self.scheduler = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
+        self.device, self.dtype = device, PRECISIONS[precision]
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device, dtype=self.dtype)
+
+    def __call__(self, batch: torch.Tensor) -> None:
+        module = self.module
+        with self.autocast():
+            out = self.model(batch, module.tau(0))
+            rec, kl, _ = module.elbo_terms(module.model, batch, out.logits, out.mu, out.log_scale)
+            loss = rec + module.beta(0) * kl
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        module.ema.update_parameters(module.model)
+
+
+def model_config(model: str, size: int, batch: int, extra: tuple[str, ...] = ()):
+    return compose_config([f"model={model}", f"data.crop_size={size}", f"data.batch_size={batch}", *extra])
+
+
+def training_benchmark(model: str, size: int, batch: int, device: str, precision: str, repeats: int,
+                       peak_gflops: float, compile_model: bool) -> dict:
+    """images/s with real data and with a preloaded batch; FLOPs per step and the fraction of peak."""
+    cfg = model_config(model, size, batch)
+    start = time.perf_counter()
+    step = TrainStep(cfg, device, precision, compile_model)
+    loader = build_datamodule(cfg.data, seed=cfg.seed).train_dataloader()
+    batches = iter(loader)
+
+    def next_batch():
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            return next(batches)
+
+    preloaded = next_batch().to(device)
+    step(preloaded)
+    first_step = time.perf_counter() - start
+    with FlopCounterMode(display=False) as counter:
+        step(preloaded)
+    flops = counter.get_total_flops()
+    preloaded_s = median_seconds(lambda: step(preloaded), repeats, warmup=2, device=device)
+    real_s = median_seconds(lambda: step(next_batch().to(device)), repeats, warmup=1, device=device)
+    achieved = flops / preloaded_s / 1e9
+    return {
+        "model": model, "size": size, "batch": batch, "compiled": compile_model,
+        "images_per_s_preloaded": batch / preloaded_s, "images_per_s_real_data": batch / real_s,
+        "real_over_preloaded_step_time": real_s / preloaded_s,
+        "gflop_per_step": flops / 1e9, "achieved_gflops": achieved, "fraction_of_matmul_peak": achieved / peak_gflops,
+        "build_and_first_step_s": first_step,
+    }
+
+
+def encode_benchmark(model: str, size: int, batch: int, device: str, precision: str, repeats: int) -> dict:
+    cfg = model_config(model, size, batch)
+    model_ = build_module(cfg).model.to(device).eval()
+    images = torch.rand(batch, 3, size, size, device=device)
+    dtype = PRECISIONS[precision]
+    autocast = torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def encode():
+        with torch.inference_mode(), autocast:
+            model_.encode(images)
+
+    return {"model": model, "size": size, "batch": batch,
+            "images_per_s": batch / median_seconds(encode, repeats, warmup=2, device=device)}
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}; the CPU memory measurement needs Linux.")
+
+
+def memory_in_this_process(model: str, size: int, batch: int, K: int, fused: bool, device: str,
+                           precision: str) -> dict:
+    """Peak memory of one training step (the first: AdamW's state included) in a fresh process: resident
+    memory on the CPU (the high-water mark is reset just before the step), allocated memory on CUDA."""
+    cfg = model_config(model, size, batch, (f"model.K={K}",))
+    step = TrainStep(cfg, device, precision, fused=fused)
+    images = torch.rand(batch, 3, size, size, device=device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        baseline = _proc_status_bytes("VmRSS")
+    step(images)
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _proc_status_bytes("VmHWM")
+    return {"model": model, "size": size, "batch": batch, "K": K, "fused_codebook": fused,
+            "before_step_mb": baseline / 2**20, "peak_mb": peak / 2**20, "step_adds_mb": (peak - baseline) / 2**20}
+
+
+def peak_memory(model: str, size: int, batch: int, K: int, fused: bool, device: str, precision: str) -> dict:
+    if device == "cuda":
+        return memory_in_this_process(model, size, batch, K, fused, device, precision)
+    args = json.dumps([model, size, batch, K, fused, device, precision])
+    command = [sys.executable, __file__, "--memory-child", args, "--threads", str(torch.get_num_threads())]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"the memory measurement failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def machine(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": device}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def markdown(results: dict) -> str:
+    m, lines = results["machine"], []
+    lines.append(f"{m['date']}, {m.get('gpu', m['cpu'])}, torch {m['torch']}, {m['threads']} threads, "
+                 f"precision {results['precision']}")
+    lines.append(f"\nmatrix-multiply peak ({results['matmul']['n']}x{results['matmul']['n']} torch.mm, "
+                 f"{results['matmul']['dtype']}): {results['matmul']['gflops']:.1f} GFLOP/s")
+    if "loss" in results:
+        loss = results["loss"]
+        lines += ["", "| logit-Laplace NLL, forward + backward, 32x3x64x64 | ms | vs seed |", "| --- | ---: | ---: |",
+                  f"| seed: -Laplace(mu, b).log_prob(logit(x)).mean() | {loss['seed_ms']:.2f} | 1.00x |",
+                  f"| logit_laplace_nll(...).mean() | {loss['elementwise_then_mean_ms']:.2f} | "
+                  f"{loss['speedup_elementwise_then_mean']:.2f}x |",
+                  f"| logit_laplace_nll(..., reduction='mean') | {loss['mean_ms']:.2f} | {loss['speedup_mean']:.2f}x |",
+                  f"\nfirst call, compilation included: {loss['first_call_with_compile_s']:.1f} s"]
+    lines += ["", "| model | px | batch | compiled | img/s preloaded | img/s real data | real/preloaded time "
+                  "| GFLOP/step | GFLOP/s | of matmul peak |",
+              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results["training"]:
+        lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {'yes' if r['compiled'] else 'no'} "
+                     f"| {r['images_per_s_preloaded']:.1f} | {r['images_per_s_real_data']:.1f} "
+                     f"| {r['real_over_preloaded_step_time']:.2f} | {r['gflop_per_step']:.2f} "
+                     f"| {r['achieved_gflops']:.1f} | {100 * r['fraction_of_matmul_peak']:.0f}% |")
+    lines += ["", "| peak memory of a training step | K | codebook | before the step MB | peak MB | step adds MB |",
+              "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for r in results["memory"]:
+        lines.append(f"| {r['model']} {r['size']} px, batch {r['batch']} | {r['K']} "
+                     f"| {'fused' if r['fused_codebook'] else 'straightforward'} | {r['before_step_mb']:.0f} "
+                     f"| {r['peak_mb']:.0f} | {r['step_adds_mb']:.0f} |")
+    lines += ["", "| encode (tokens, no gradients) | px | batch | images/s |", "| --- | ---: | ---: | ---: |"]
+    for r in results["encode"]:
+        lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['images_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", action="append", help="model preset(s) (default: tiny and small)")
+    parser.add_argument("--size", type=int, action="append", help="crop size(s) (default: 32 and 64)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: 32 on CPU, 8 on CUDA)")
+    parser.add_argument("--precision", default="32", choices=sorted(PRECISIONS))
+    parser.add_argument("--compile", action="store_true", help="also measure the step under torch.compile")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice; 1 gives steadier figures on a busy machine)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: tiny model at 32 px unless given, batch 4, few repeats")
+    parser.add_argument("--out", default="benchmark.json", help="where to write the JSON (default: %(default)s)")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU and none is available; run on the CPU without --device.")
+    if args.precision == "16-mixed" and args.device != "cuda":
+        parser.error("--precision 16-mixed needs --device cuda; use bf16-mixed or 32 on the CPU.")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_in_this_process(*json.loads(args.memory_child))))
+        return {}
+    device, quick = args.device, args.quick
+    models = args.model or (["tiny"] if quick else ["tiny", "small"])
+    sizes = args.size or ([32] if quick else [32, 64])
+    batch = args.batch or (4 if quick else 32 if device == "cpu" else 8)
+    repeats = 2 if quick else 10
+    matmul_dtype = PRECISIONS[args.precision] or torch.float32
+    n = 512 if quick else 2048 if device == "cpu" else 8192
+    peak = matmul_peak(device, matmul_dtype, n, repeats)
+    results = {"machine": machine(device), "precision": args.precision, "quick": quick,
+               "matmul": {"n": n, "dtype": str(matmul_dtype).replace("torch.", ""), "gflops": peak}}
+    if device == "cpu":
+        results["loss"] = loss_benchmark(repeats=5 if quick else 30)
+    results["training"] = [
+        training_benchmark(model, size, batch, device, args.precision, repeats, peak, compile_model)
+        for model in models for size in sizes for compile_model in ([False, True] if args.compile else [False])
+    ]
+    memory_model, memory_size = models[-1], max(sizes)
+    results["memory"] = [
+        peak_memory(memory_model, memory_size, batch, K, fused, device, args.precision)
+        for K, fused in ((512, True), (8192, True), (8192, False))
+    ]
+    results["encode"] = [encode_benchmark(model, max(sizes), batch, device, args.precision, repeats)
+                         for model in models]
+    print(markdown(results))
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
