@@ -58,6 +58,9 @@ class DVAE(nn.Module):
         self.quantizer = GumbelCodebook(K, hard=hard)
         out = 2 * channels if learned_scale else channels
         self.decoder = Decoder(out, n_hid, blocks_per_group, groups, K, n_init)
+        # oneDNN (CPU) and cuDNN convolve channels-last tensors without reordering them: a CPU training
+        # step of model=small is 1.2-1.4x faster (docs/benchmarks.md). `logits` feeds images the same way.
+        self.to(memory_format=torch.channels_last)
 
     @property
     def downsampling(self) -> int:
@@ -115,7 +118,7 @@ class DVAE(nn.Module):
     def logits(self, images: Tensor) -> Tensor:
         """Images [B, C, H, W] in [0, 1] -> code logits [B, K, H/f, W/f]."""
         self.check_images(images)
-        return self.encoder(map_pixels(images, self.eps))
+        return self.encoder(map_pixels(images, self.eps).contiguous(memory_format=torch.channels_last))
 
     def encode(self, images: Tensor) -> Tensor:
         """Images [B, C, H, W] in [0, 1] -> argmax tokens [B, H/f, W/f] (int64): no noise."""

@@ -25,6 +25,7 @@ import warnings
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 LN2 = math.log(2.0)
 KERNELS = ("auto", "compiled", "eager")
@@ -83,7 +84,8 @@ def _fast_terms(x, mu, log_scale, eps, mean, need_x, need_mu, need_scale):
 def uses_compiled_kernel(x: Tensor, mu: Tensor, log_scale: Tensor, eps: float,
                          min_elements: int = COMPILED_MIN_ELEMENTS) -> bool:
     """Whether the compiled float32 kernel applies: float32 CPU tensors, mu of x's shape, ln b of x's
-    shape or a scalar, at least `min_elements` elements, and eps > 0 (so that y is a normal number)."""
+    shape or a scalar, at least `min_elements` elements, eps > 0 (so that y is a normal number), and
+    neither inside a compiled region (which fuses the eager kernel itself) nor under a dispatch mode."""
     return (
         not _compile_failed
         and x.numel() >= min_elements
@@ -92,6 +94,7 @@ def uses_compiled_kernel(x: Tensor, mu: Tensor, log_scale: Tensor, eps: float,
         and (log_scale.shape == x.shape or log_scale.dim() == 0)
         and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, mu, log_scale))
         and not torch.compiler.is_compiling()
+        and not is_in_torch_dispatch_mode()  # FlopCounterMode and the like: torch.compile refuses them
     )
 
 
