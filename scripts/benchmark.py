@@ -304,6 +304,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch threads (default: torch's choice; 1 gives steadier figures on a busy machine)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: tiny model at 32 px unless given, batch 4, few repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default: 5)")
     parser.add_argument("--out", default="benchmark.json", help="where to write the JSON (default: %(default)s)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -325,7 +326,7 @@ def main(argv=None) -> dict:
     models = args.model or (["tiny"] if quick else ["tiny", "small"])
     sizes = args.size or ([32] if quick else [32, 64])
     batch = args.batch or (4 if quick else 32 if device == "cpu" else 8)
-    repeats = 2 if quick else 10
+    repeats = args.repeats or (2 if quick else 5)
     matmul_dtype = PRECISIONS[args.precision] or torch.float32
     n = 512 if quick else 2048 if device == "cpu" else 8192
     peak = matmul_peak(device, matmul_dtype, n, repeats)

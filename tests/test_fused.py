@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dvae.codebook import GumbelCodebook, GumbelSoftmaxProjection, KLToUniform
-from dvae.losses import logit_laplace_nll
+from dvae.losses import logit_laplace_nll, map_pixels
 from dvae.model import DVAE
 from dvae.nll_kernel import COMPILED_MIN_ELEMENTS, fused_logit_laplace_nll, log32, uses_compiled_kernel
 
@@ -234,3 +234,21 @@ def test_a_fused_training_pass_keeps_one_code_sized_tensor_and_computes_the_same
         loss.backward()
     for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
         assert_float32_close(p.grad.double(), q.grad.double(), f"{name}, {seed}")
+
+
+def test_channels_last_model_computes_what_the_contiguous_layout_computes():
+    generator, seed = fresh_generator()
+    model = DVAE(n_hid=8, blocks_per_group=1, groups=3, K=32, n_init=8)
+    assert model.encoder.blocks.input.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    images = torch.rand(2, 3, 16, 16, generator=generator)
+    codes = torch.rand(2, 32, 4, 4, generator=generator).softmax(dim=1)
+    outputs = []
+    for net, layout in ((model, torch.channels_last), (plain, torch.contiguous_format)):
+        logits = net.encoder(map_pixels(images).contiguous(memory_format=layout))
+        decoded = net.decoder(codes.contiguous(memory_format=layout))
+        assert decoded.is_contiguous(memory_format=layout)
+        grads = torch.autograd.grad(logits.square().mean() + decoded.square().mean(), list(net.parameters()))
+        outputs.append([logits, decoded, *grads])
+    for got, want in zip(*outputs):
+        assert_float32_close(got.double(), want.double(), seed)
