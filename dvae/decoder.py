@@ -50,4 +50,8 @@ class Decoder(nn.Module):
     def forward_tokens(self, tokens: Tensor) -> Tensor:
         """Hard tokens [B, h, w] -> output; a lookup instead of a K-wide one-hot convolution."""
         embedded = F.embedding(tokens, self.codebook) + self.blocks.input.bias  # (B, h, w, D)
-        return self.blocks[1:](rearrange(embedded, "b h w d -> b d h w"))
+        return self.forward_embedded(rearrange(embedded, "b h w d -> b d h w"))
+
+    def forward_embedded(self, embedded: Tensor) -> Tensor:
+        """Code vectors [B, n_init, h, w] (the input convolution's output) -> decoder output."""
+        return self.blocks[1:](embedded)

@@ -200,6 +200,6 @@ class DVAE(nn.Module):
         """One training pass: logits, a Gumbel-softmax sample at temperature tau, and the
         decoder's distribution parameters."""
         logits = self.logits(images)
-        z = self.quantizer(logits, tau)
-        mu, log_scale = self.split_output(self.decoder(z))
+        embedded = self.quantizer.project(logits, tau, self.decoder.blocks.input)
+        mu, log_scale = self.split_output(self.decoder.forward_embedded(embedded))
         return DVAEOutput(logits, mu.float(), log_scale)

@@ -1,10 +1,19 @@
-"""Measure dvae on this machine: the loss against the seed's, training-step throughput, FLOP/s against the
-machine's matmul peak, peak memory per step, and encode throughput. Every figure is measured in the run
-that prints it (medians over repeats after warm-up; comparisons side by side in one process).
+"""Speed and memory of dVAE training, measured side by side in one process: prints a markdown table
+and writes benchmark.json. Every figure is a median over repeats after warm-up, measured in this run.
 
-    python scripts/benchmark.py                       # CPU: prints a markdown table, writes benchmark.json
-    python scripts/benchmark.py --quick               # a short smoke run
-    python scripts/benchmark.py --device cuda --model dalle --size 256 --precision bf16-mixed
+    .venv/bin/python scripts/benchmark.py                  # CPU: the five measurements (about 2 minutes)
+    .venv/bin/python scripts/benchmark.py --quick          # a smoke run with every key (well under a minute)
+    .venv/bin/python scripts/benchmark.py --compile        # also the training step under torch.compile
+    .venv/bin/python scripts/benchmark.py --device cuda --model dalle --size 256 --precision bf16-mixed
+
+1. the logit-Laplace NLL, forward + backward, against the seed's formulation (32x3x64x64, float32, CPU);
+2. training steps per second as dvae-train takes them (model forward, ELBO, backward, AdamW, EMA), with
+   real data loading and with one preloaded batch;
+3. FLOPs per training step (torch.utils.flop_counter) and achieved GFLOP/s against the matrix-multiply
+   peak measured here with a large torch.mm;
+4. peak memory of a training step at K = 512 and K = 8192 (fused codebook, and the straightforward one at
+   K = 8192): peak RSS of a child process on the CPU, max_memory_allocated on CUDA;
+5. encode throughput (argmax tokens, no gradients), the export path.
 """
 
 from __future__ import annotations
@@ -13,291 +22,336 @@ import argparse
 import contextlib
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_module
+from torch.distributions import Laplace
+from torch.utils.flop_counter import FlopCounterMode
 
-from dvae.losses import logit_laplace_nll, logit_laplace_nll_mean
+from dvae.data import build_datamodule
+from dvae.losses import logit_laplace_nll
+from dvae.train import build_module
+
+PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
+def compose_config(overrides: list[str]):
+    with initialize_config_module(config_module="dvae.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
         torch.cuda.synchronize()
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int, device: str = "cpu") -> float:
+def median_seconds(fn, repeats: int, warmup: int, device: str = "cpu") -> float:
+    """Median wall time of fn() over `repeats` calls after `warmup` calls."""
     for _ in range(warmup):
         fn()
-    sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-# --- 1. the loss ----------------------------------------------------------------------------------------------
+def interleaved_medians(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each fn, the calls taken in turn so that load from elsewhere hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def seed_loss(x, mu, scale):
-    """The seed note's formulation (a clamp, torch's Laplace, a mean); no Jacobian terms."""
-    return -torch.distributions.Laplace(mu, scale).log_prob(torch.logit(x.clamp(1e-7, 1 - 1e-7))).mean()
-
-
-def bench_loss(repeats: int, warmup: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(32, 3, 64, 64, generator=g)
-    mu = torch.randn(32, 3, 64, 64, generator=g).requires_grad_()
-    log_b = torch.tensor(0.1).log().requires_grad_()  # the seed's fixed scale b = 0.1
-    variants = {
-        "seed": lambda: seed_loss(x, mu, log_b.exp()).backward(),
-        "eager": lambda: logit_laplace_nll(x, mu, log_b).mean().backward(),
-        "fused": lambda: logit_laplace_nll_mean(x, mu, log_b, fused=True).backward(),
-    }
-    start = time.perf_counter()
-    variants["fused"]()
-    compile_seconds = time.perf_counter() - start
-    times = {name: median_seconds(fn, repeats, warmup) for name, fn in variants.items()}
-    # the same function: fused against a float64 evaluation of the density
-    value = logit_laplace_nll_mean(x, mu, log_b, fused=True)
-    reference = logit_laplace_nll(x.double(), mu.double(), log_b.double()).mean()
-    return {"batch": [32, 3, 64, 64], "ms": {k: v * 1e3 for k, v in times.items()},
-            "speedup_fused_vs_seed": times["seed"] / times["fused"],
-            "speedup_eager_vs_seed": times["seed"] / times["eager"],
-            "fused_compile_seconds": compile_seconds,
-            "fused_vs_float64_abs_diff": abs(value.item() - reference.item())}
-
-
-# --- 2, 3. training steps, FLOPs, the matmul peak ----------------------------------------------------------------
-
-
-def matmul_peak_gflops(device: str, dtype: torch.dtype, n: int, repeats: int) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = median_seconds(lambda: torch.mm(a, b), repeats, 2, device)
+def matmul_peak(device: str, dtype: torch.dtype, n: int, repeats: int) -> float:
+    """GFLOP/s of an n x n by n x n torch.mm: this machine's practical matrix-multiply limit."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = median_seconds(lambda: torch.mm(a, b), repeats, warmup=2, device=device)
     return 2 * n**3 / seconds / 1e9
 
 
-def build(model: str, size: int, device: str, precision: str, K: int | None = None, batch: int | None = None):
-    """(module, optimizer, datamodule) as dvae-train builds them, for `model` at `size` px."""
-    from hydra import compose, initialize_config_module
+def loss_benchmark(repeats: int) -> dict:
+    """logit_laplace_nll forward + backward vs the seed's -Laplace(mu, b).log_prob(logit(x)).mean()."""
+    shape = (32, 3, 64, 64)
+    x = torch.rand(shape)
+    mu = (torch.randn(shape) * 2).requires_grad_()
+    log_scale = (torch.randn(shape) * 0.5 - 1).requires_grad_()
 
-    from dvae.data import build_datamodule
-    from dvae.train import build_module
+    def run(loss_fn):
+        def step():
+            mu.grad = log_scale.grad = None
+            loss_fn().backward()
+        return step
 
-    overrides = [f"model={model}", f"data.crop_size={size}", f"precision={precision}"]
-    if K is not None:
-        overrides.append(f"model.K={K}")
-    if batch is not None:
-        overrides.append(f"data.batch_size={batch}")
-    with initialize_config_module(config_module="dvae.configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    module = build_module(cfg).to(device)
-    module.setup("fit")  # the training layout (channels_last) that dvae-train uses
-    optimizer = module.configure_optimizers()["optimizer"]
-    datamodule = build_datamodule(cfg.data, seed=0)
-    return module, optimizer, datamodule
+    def seed():
+        return -Laplace(mu, log_scale.exp()).log_prob(torch.logit(x.clamp(1e-7, 1 - 1e-7))).mean()
+
+    start = time.perf_counter()
+    logit_laplace_nll(x, mu, log_scale, reduction="mean").backward()  # the first call compiles
+    first_call = time.perf_counter() - start
+    medians = interleaved_medians({
+        "seed": run(seed),
+        "elementwise_then_mean": run(lambda: logit_laplace_nll(x, mu, log_scale).mean()),
+        "mean": run(lambda: logit_laplace_nll(x, mu, log_scale, reduction="mean")),
+    }, repeats, warmup=3)
+    return {
+        "shape": list(shape),
+        "seed_ms": 1e3 * medians["seed"],
+        "elementwise_then_mean_ms": 1e3 * medians["elementwise_then_mean"],
+        "mean_ms": 1e3 * medians["mean"],
+        "speedup_elementwise_then_mean": medians["seed"] / medians["elementwise_then_mean"],
+        "speedup_mean": medians["seed"] / medians["mean"],
+        "first_call_with_compile_s": first_call,
+    }
 
 
-def autocast(device: str, precision: str):
-    if precision.startswith("bf16"):
-        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+class TrainStep:
+    """One dvae-train update on a fixed module: forward, ELBO (DVAELightning.elbo_terms), backward,
+    AdamW and its schedule, EMA update."""
 
+    def __init__(self, cfg, device: str, precision: str, compile_model: bool = False, fused: bool = True):
+        torch.manual_seed(cfg.seed)
+        self.module = build_module(cfg).to(device)
+        self.module.setup("fit")  # what Lightning calls before training: the channels_last layout (default)
+        self.module.model.quantizer.fused = fused
+        self.model = torch.compile(self.module.model) if compile_model else self.module.model
+        optim = self.module.configure_optimizers()
+        self.optimizer, self.scheduler = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
+        self.device, self.dtype = device, PRECISIONS[precision]
 
-def make_step(module, optimizer, device: str, precision: str):
-    """One update exactly as DVAELightning.training_step + Lightning's optimisation do it."""
-    module.train()
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device, dtype=self.dtype)
 
-    def step(batch):
+    def __call__(self, batch: torch.Tensor) -> None:
+        module = self.module
         batch = module.on_after_batch_transfer(batch, 0)  # the layout dvae-train gives the batch
-        with autocast(device, precision):
-            out = module.model(batch, 1.0)
+        with self.autocast():
+            out = self.model(batch, module.tau(0))
             rec, kl, _ = module.elbo_terms(module.model, batch, out.logits, out.mu, out.log_scale)
-            loss = rec + kl
+            loss = rec + module.beta(0) * kl
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         module.ema.update_parameters(module.model)
 
-    return step
+
+def model_config(model: str, size: int, batch: int, extra: tuple[str, ...] = ()):
+    return compose_config([f"model={model}", f"data.crop_size={size}", f"data.batch_size={batch}", *extra])
 
 
-def flops_per_step(step, batch) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+def training_benchmark(model: str, size: int, batch: int, device: str, precision: str, repeats: int,
+                       peak_gflops: float, compile_model: bool) -> dict:
+    """images/s with real data and with a preloaded batch; FLOPs per step and the fraction of peak."""
+    cfg = model_config(model, size, batch)
+    start = time.perf_counter()
+    step = TrainStep(cfg, device, precision, compile_model)
+    loader = build_datamodule(cfg.data, seed=cfg.seed).train_dataloader()
+    batches = iter(loader)
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step(batch)
-    return counter.get_total_flops()
+    def next_batch():
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            return next(batches)
 
-
-def bench_training(model: str, size: int, device: str, precision: str, repeats: int, warmup: int,
-                   peak_gflops: float) -> dict:
-    module, optimizer, datamodule = build(model, size, device, precision)
-    step = make_step(module, optimizer, device, precision)
-    loader = iter(datamodule.train_dataloader())
-    preloaded = next(loader).to(device)
-    batch_size = preloaded.shape[0]
-
-    def real_data_step():
-        step(next(loader).to(device, non_blocking=True))
-
-    flops = flops_per_step(step, preloaded)
-    # side by side: alternate the two so drift on a shared machine hits both alike
-    preloaded_times, real_times = [], []
-    for _ in range(warmup):
+    preloaded = next_batch().to(device)
+    step(preloaded)
+    first_step = time.perf_counter() - start
+    with FlopCounterMode(display=False) as counter:
         step(preloaded)
-        real_data_step()
-    for _ in range(repeats):
-        preloaded_times.append(median_seconds(lambda: step(preloaded), 1, 0, device))
-        real_times.append(median_seconds(real_data_step, 1, 0, device))
-    preloaded_s, real_s = statistics.median(preloaded_times), statistics.median(real_times)
+    flops = counter.get_total_flops()
+    preloaded_s = median_seconds(lambda: step(preloaded), repeats, warmup=2, device=device)
+    real_s = median_seconds(lambda: step(next_batch().to(device)), repeats, warmup=1, device=device)
     achieved = flops / preloaded_s / 1e9
-    return {"model": model, "size": size, "batch": batch_size, "data": datamodule.source,
-            "images_per_s_preloaded": batch_size / preloaded_s, "images_per_s_real_data": batch_size / real_s,
-            "real_data_over_preloaded_time": real_s / preloaded_s, "gflop_per_step": flops / 1e9,
-            "achieved_gflops": achieved, "fraction_of_matmul_peak": achieved / peak_gflops}
+    return {
+        "model": model, "size": size, "batch": batch, "compiled": compile_model,
+        "images_per_s_preloaded": batch / preloaded_s, "images_per_s_real_data": batch / real_s,
+        "real_over_preloaded_step_time": real_s / preloaded_s,
+        "gflop_per_step": flops / 1e9, "achieved_gflops": achieved, "fraction_of_matmul_peak": achieved / peak_gflops,
+        "build_and_first_step_s": first_step,
+    }
 
 
-# --- 4. peak memory ----------------------------------------------------------------------------------------------
-
-
-def memory_child(model: str, size: int, K: int, batch: int, device: str, precision: str) -> dict:
-    """Runs in a child process: memory before the first update and at its peak."""
-    module, optimizer, _ = build(model, size, device, precision, K=K, batch=batch)
-    step = make_step(module, optimizer, device, precision)
+def encode_benchmark(model: str, size: int, batch: int, device: str, precision: str, repeats: int) -> dict:
+    cfg = model_config(model, size, batch)
+    model_ = build_module(cfg).model.to(device).eval()
     images = torch.rand(batch, 3, size, size, device=device)
-    if device.startswith("cuda"):
+    dtype = PRECISIONS[precision]
+    autocast = torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def encode():
+        with torch.inference_mode(), autocast:
+            model_.encode(images)
+
+    return {"model": model, "size": size, "batch": batch,
+            "images_per_s": batch / median_seconds(encode, repeats, warmup=2, device=device)}
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}; the CPU memory measurement needs Linux.")
+
+
+def memory_in_this_process(model: str, size: int, batch: int, K: int, fused: bool, device: str,
+                           precision: str) -> dict:
+    """Peak memory of one training step (the first: AdamW's state included) in a fresh process: resident
+    memory on the CPU (the high-water mark is reset just before the step), allocated memory on CUDA."""
+    cfg = model_config(model, size, batch, (f"model.K={K}",))
+    step = TrainStep(cfg, device, precision, fused=fused)
+    images = torch.rand(batch, 3, size, size, device=device)
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step(images)
-        return {"before_mb": before / 2**20, "peak_mb": torch.cuda.max_memory_allocated() / 2**20}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        baseline = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        baseline = _proc_status_bytes("VmRSS")
     step(images)
-    return {"before_mb": before, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _proc_status_bytes("VmHWM")
+    return {"model": model, "size": size, "batch": batch, "K": K, "fused_codebook": fused,
+            "before_step_mb": baseline / 2**20, "peak_mb": peak / 2**20, "step_adds_mb": (peak - baseline) / 2**20}
 
 
-def bench_memory(model: str, size: int, batch: int, device: str, precision: str) -> list[dict]:
-    rows = []
-    for K in (512, 8192):
-        args = [sys.executable, __file__, "--memory-child", model, str(size), str(K), str(batch), device, precision]
-        result = subprocess.run(args, capture_output=True, text=True, check=True)
-        child = json.loads(result.stdout.strip().splitlines()[-1])
-        h = size // 2 ** ({"tiny": 2, "small": 3, "dalle": 3}.get(model, 3))
-        relaxed_mb = batch * K * h * h * 4 / 2**20
-        rows.append({"K": K, "model": model, "size": size, "batch": batch, **child,
-                     "step_mb": child["peak_mb"] - child["before_mb"], "one_relaxed_one_hot_mb": relaxed_mb})
-    return rows
+def peak_memory(model: str, size: int, batch: int, K: int, fused: bool, device: str, precision: str) -> dict:
+    if device == "cuda":
+        return memory_in_this_process(model, size, batch, K, fused, device, precision)
+    args = json.dumps([model, size, batch, K, fused, device, precision])
+    command = [sys.executable, __file__, "--memory-child", args, "--threads", str(torch.get_num_threads())]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"the memory measurement failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-# --- 5. encode ----------------------------------------------------------------------------------------------------
-
-
-def bench_encode(model: str, size: int, batch: int, device: str, repeats: int, warmup: int) -> dict:
-    module, _, _ = build(model, size, device, "32")
-    module.teardown("fit")  # the export path: the NCHW model that DVAE.from_pretrained gives
-    dvae = module.ema_model.eval()
-    images = torch.rand(batch, 3, size, size, device=device)
-    with torch.no_grad():
-        seconds = median_seconds(lambda: dvae.encode(images), repeats, warmup, device)
-    return {"model": model, "size": size, "batch": batch, "images_per_s": batch / seconds}
-
-
-# --- the report ---------------------------------------------------------------------------------------------------
-
-
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    name = platform.processor() or platform.machine()
+def machine(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
+                cpu = line.split(":", 1)[1].strip()
                 break
-    return f"{name}, {torch.get_num_threads()} threads"
+    info = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": device}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
 
 
-def markdown(result: dict) -> str:
-    lines = [f"dvae benchmark, {result['date']}, {result['machine']}, torch {result['torch']}", ""]
-    loss = result.get("loss")
-    if loss:
-        lines += ["| loss fwd+bwd, 32x3x64x64 | ms (median) | vs seed |", "| --- | ---: | ---: |"]
-        for name, ms in loss["ms"].items():
-            lines.append(f"| {name} | {ms:.2f} | {loss['ms']['seed'] / ms:.2f}x |")
-        lines += [f"| fused compile time | {loss['fused_compile_seconds']:.1f} s | |", ""]
-    lines += [f"matmul peak ({result['peak']['dtype']}, n={result['peak']['n']}): "
-              f"{result['peak']['gflops']:.1f} GFLOP/s", "",
-              "| model | px | batch | img/s preloaded | img/s real data | real/preloaded time | GFLOP/step "
-              "| GFLOP/s | of matmul peak |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for row in result["training"]:
-        lines.append(f"| {row['model']} | {row['size']} | {row['batch']} | {row['images_per_s_preloaded']:.1f} | "
-                     f"{row['images_per_s_real_data']:.1f} | {row['real_data_over_preloaded_time']:.2f} | "
-                     f"{row['gflop_per_step']:.2f} | {row['achieved_gflops']:.1f} | "
-                     f"{100 * row['fraction_of_matmul_peak']:.0f}% |")
-    lines += ["", "| K | model | px | batch | peak MB | MB added by one step | one B x K x h x w float tensor, MB |",
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for row in result["memory"]:
-        lines.append(f"| {row['K']} | {row['model']} | {row['size']} | {row['batch']} | {row['peak_mb']:.0f} | "
-                     f"{row['step_mb']:.0f} | {row['one_relaxed_one_hot_mb']:.0f} |")
-    enc = result["encode"]
-    lines += ["", f"encode: {enc['images_per_s']:.0f} images/s ({enc['model']}, {enc['size']} px, "
-              f"batch {enc['batch']})"]
+def markdown(results: dict) -> str:
+    m, lines = results["machine"], []
+    lines.append(f"{m['date']}, {m.get('gpu', m['cpu'])}, torch {m['torch']}, {m['threads']} threads, "
+                 f"precision {results['precision']}")
+    lines.append(f"\nmatrix-multiply peak ({results['matmul']['n']}x{results['matmul']['n']} torch.mm, "
+                 f"{results['matmul']['dtype']}): {results['matmul']['gflops']:.1f} GFLOP/s")
+    if "loss" in results:
+        loss = results["loss"]
+        lines += ["", "| logit-Laplace NLL, forward + backward, 32x3x64x64 | ms | vs seed |", "| --- | ---: | ---: |",
+                  f"| seed: -Laplace(mu, b).log_prob(logit(x)).mean() | {loss['seed_ms']:.2f} | 1.00x |",
+                  f"| logit_laplace_nll(...).mean() | {loss['elementwise_then_mean_ms']:.2f} | "
+                  f"{loss['speedup_elementwise_then_mean']:.2f}x |",
+                  f"| logit_laplace_nll(..., reduction='mean') | {loss['mean_ms']:.2f} | {loss['speedup_mean']:.2f}x |",
+                  f"\nfirst call, compilation included: {loss['first_call_with_compile_s']:.1f} s"]
+    lines += ["", "| model | px | batch | compiled | img/s preloaded | img/s real data | real/preloaded time "
+                  "| GFLOP/step | GFLOP/s | of matmul peak |",
+              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results["training"]:
+        lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {'yes' if r['compiled'] else 'no'} "
+                     f"| {r['images_per_s_preloaded']:.1f} | {r['images_per_s_real_data']:.1f} "
+                     f"| {r['real_over_preloaded_step_time']:.2f} | {r['gflop_per_step']:.2f} "
+                     f"| {r['achieved_gflops']:.1f} | {100 * r['fraction_of_matmul_peak']:.0f}% |")
+    lines += ["", "| peak memory of a training step | K | codebook | before the step MB | peak MB | step adds MB |",
+              "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for r in results["memory"]:
+        lines.append(f"| {r['model']} {r['size']} px, batch {r['batch']} | {r['K']} "
+                     f"| {'fused' if r['fused_codebook'] else 'straightforward'} | {r['before_step_mb']:.0f} "
+                     f"| {r['peak_mb']:.0f} | {r['step_adds_mb']:.0f} |")
+    lines += ["", "| encode (tokens, no gradients) | px | batch | images/s |", "| --- | ---: | ---: | ---: |"]
+    for r in results["encode"]:
+        lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['images_per_s']:.1f} |")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats, small models only: a smoke run")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default=None, help="one model instead of tiny and small (e.g. dalle on a GPU)")
-    parser.add_argument("--size", type=int, default=None, help="crop size for --model")
-    parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
-    parser.add_argument("--out", default="benchmark.json")
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", action="append", help="model preset(s) (default: tiny and small)")
+    parser.add_argument("--size", type=int, action="append", help="crop size(s) (default: 32 and 64)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: 32 on CPU, 8 on CUDA)")
+    parser.add_argument("--precision", default="32", choices=sorted(PRECISIONS))
+    parser.add_argument("--compile", action="store_true", help="also measure the step under torch.compile")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice; 1 gives steadier figures on a busy machine)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: tiny model at 32 px unless given, batch 4, few repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default: 5)")
+    parser.add_argument("--out", default="benchmark.json", help="where to write the JSON (default: %(default)s)")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda needs a CUDA GPU and none is available.")
-    repeats, warmup = (3, 1) if args.quick else (15, 3)
-    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(args.device),
-              "torch": torch.__version__, "device": args.device, "precision": args.precision, "quick": args.quick}
-    if args.device == "cpu":
-        result["loss"] = bench_loss(repeats * 2, warmup)
-    dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
-    n = 1024 if args.quick else (8192 if args.device.startswith("cuda") else 2048)
-    result["peak"] = {"dtype": str(dtype).removeprefix("torch."), "n": n,
-                      "gflops": matmul_peak_gflops(args.device, dtype, n, repeats)}
-    if args.model:
-        configs = [(args.model, args.size or 256)]
-    else:
-        configs = [("tiny", 32), ("tiny", 64), ("small", 32), ("small", 64)]
-    if args.quick and not args.model:
-        configs = [("tiny", 32)]
-    result["training"] = [bench_training(m, s, args.device, args.precision, repeats, warmup, result["peak"]["gflops"])
-                          for m, s in configs]
-    memory_model, memory_size = (args.model, args.size or 256) if args.model else ("small", 64)
-    result["memory"] = bench_memory(memory_model, memory_size, 8 if args.quick else 32, args.device, args.precision)
-    result["encode"] = bench_encode(configs[0][0], 64 if not args.model else memory_size, 64 if not args.model else 8,
-                                    args.device, repeats, warmup)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
-    print(f"\nwritten: {args.out}")
-    return result
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU and none is available; run on the CPU without --device.")
+    if args.precision == "16-mixed" and args.device != "cuda":
+        parser.error("--precision 16-mixed needs --device cuda; use bf16-mixed or 32 on the CPU.")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_in_this_process(*json.loads(args.memory_child))))
+        return {}
+    device, quick = args.device, args.quick
+    models = args.model or (["tiny"] if quick else ["tiny", "small"])
+    sizes = args.size or ([32] if quick else [32, 64])
+    batch = args.batch or (4 if quick else 32 if device == "cpu" else 8)
+    repeats = args.repeats or (2 if quick else 5)
+    matmul_dtype = PRECISIONS[args.precision] or torch.float32
+    n = 512 if quick else 2048 if device == "cpu" else 8192
+    peak = matmul_peak(device, matmul_dtype, n, repeats)
+    results = {"machine": machine(device), "precision": args.precision, "quick": quick,
+               "matmul": {"n": n, "dtype": str(matmul_dtype).replace("torch.", ""), "gflops": peak}}
+    if device == "cpu":
+        results["loss"] = loss_benchmark(repeats=5 if quick else 30)
+    results["training"] = [
+        training_benchmark(model, size, batch, device, args.precision, repeats, peak, compile_model)
+        for model in models for size in sizes for compile_model in ([False, True] if args.compile else [False])
+    ]
+    memory_model, memory_size = models[-1], max(sizes)
+    results["memory"] = [
+        peak_memory(memory_model, memory_size, batch, K, fused, device, args.precision)
+        for K, fused in ((512, True), (8192, True), (8192, False))
+    ]
+    results["encode"] = [encode_benchmark(model, max(sizes), batch, device, args.precision, repeats)
+                         for model in models]
+    print(markdown(results))
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return results
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
-        model, size, K, batch, device, precision = sys.argv[2:8]
-        print(json.dumps(memory_child(model, int(size), int(K), int(batch), device, precision)))
-    else:
-        main()
+    main()
