@@ -29,18 +29,17 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_module
 from torch.distributions import Laplace
 from torch.utils.flop_counter import FlopCounterMode
 
-from dvae.data import build_datamodule
 from dvae.losses import logit_laplace_nll
-from dvae.train import build_module
 
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def compose_config(overrides: list[str]):
+    from hydra import compose, initialize_config_module  # here, and Lightning below: a refused run exits fast
+
     with initialize_config_module(config_module="dvae.configs", version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
@@ -125,6 +124,8 @@ class TrainStep:
     AdamW and its schedule, EMA update."""
 
     def __init__(self, cfg, device: str, precision: str, compile_model: bool = False, fused: bool = True):
+        from dvae.train import build_module
+
         torch.manual_seed(cfg.seed)
         self.module = build_module(cfg).to(device)
         self.module.setup("fit")  # what Lightning calls before training: the channels_last layout (default)
@@ -160,6 +161,8 @@ def model_config(model: str, size: int, batch: int, extra: tuple[str, ...] = ())
 def training_benchmark(model: str, size: int, batch: int, device: str, precision: str, repeats: int,
                        peak_gflops: float, compile_model: bool) -> dict:
     """images/s with real data and with a preloaded batch; FLOPs per step and the fraction of peak."""
+    from dvae.data import build_datamodule
+
     cfg = model_config(model, size, batch)
     start = time.perf_counter()
     step = TrainStep(cfg, device, precision, compile_model)
@@ -193,6 +196,8 @@ def training_benchmark(model: str, size: int, batch: int, device: str, precision
 
 
 def encode_benchmark(model: str, size: int, batch: int, device: str, precision: str, repeats: int) -> dict:
+    from dvae.train import build_module
+
     cfg = model_config(model, size, batch)
     model_ = build_module(cfg).model.to(device).eval()
     images = torch.rand(batch, 3, size, size, device=device)
