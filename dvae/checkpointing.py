@@ -120,7 +120,10 @@ class RunCheckpoints(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps == 0 and self.saved_step != trainer.global_step:
             self.save(trainer)
-        if self.stop_requested:
+        stop = self.stop_requested
+        if trainer.world_size > 1:  # every rank stops at the same update, or the others wait forever
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
             self.signal_name = "Ctrl-C"
             raise Interrupted("stopped by Ctrl-C")
 

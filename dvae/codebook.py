@@ -42,7 +42,7 @@ class GumbelCodebook(nn.Module):
     def project(self, logits: Tensor, tau: float, conv: nn.Conv2d) -> Tensor:
         """`conv` (the decoder's 1x1 K -> D input convolution) applied to a training sample: what
         `conv(self(logits, tau))` computes, without keeping the relaxed one-hot for backward when fused."""
-        if tau <= 0:
+        if not tau > 0:  # NaN too
             raise ValueError(f"the Gumbel-softmax temperature must be > 0, got tau={tau}.")
         if not (self.fused and self.training and logits.device.type in ("cpu", "cuda")):
             return conv(self(logits, tau))

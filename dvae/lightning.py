@@ -221,7 +221,7 @@ class DVAELightning(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """The non-finite guard: an update whose loss or gradient is not finite is skipped (AdamW leaves
-        a parameter whose gradient is None untouched) and counted; see `on_train_batch_end`."""
+        a parameter whose gradient is None untouched) and counted; see `optimizer_step`."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())) if grads else True
         self.skip_this_update = not finite
@@ -249,7 +249,7 @@ class DVAELightning(L.LightningModule):
             raise NonFiniteTraining(
                 f"the loss or gradients were not finite for {self.bad_steps_in_a_row} updates in a row (steps "
                 f"{self.first_bad_step}-{step}, guard.max_bad_steps={self.hparams.max_bad_steps}), so training "
-                "stopped; the weights are those of the last good update"
+                f"stopped; the weights are those after update {self.first_bad_step - 1}, the last good one"
             )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

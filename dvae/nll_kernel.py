@@ -102,10 +102,10 @@ def _compiled_terms(x: Tensor, mu: Tensor, log_scale: Tensor, *args) -> list[Ten
     """`_fast_terms` compiled over flat tensors (one kernel for every shape); None, with a warning
     the first time, where compiling is impossible (no C++ compiler, say)."""
     global _compiled_kernel, _compile_failed
-    if _compiled_kernel is None:
-        _compiled_kernel = torch.compile(_fast_terms, dynamic=True, fullgraph=True, options=_COMPILE_OPTIONS)
     flat = [t.reshape(-1) if t.dim() else t for t in (x, mu, log_scale)]
     try:
+        if _compiled_kernel is None:  # inside the try: an older torch may not know an option
+            _compiled_kernel = torch.compile(_fast_terms, dynamic=True, fullgraph=True, options=_COMPILE_OPTIONS)
         nll, *factors = _compiled_kernel(*flat, *args)
     except Exception as error:
         _compile_failed = True

@@ -341,7 +341,8 @@ def encode_dataset(model_dir: str | Path, data: str, out: str | Path, size: int 
                 try:
                     tokens = model.encode(images.to(dev, non_blocking=True)).cpu().numpy().astype(dtype)
                 except ValueError as error:
-                    raise ConfigError(f"--data {data}, images {sources[position]} and after: {error}") from error
+                    first = position + sum(len(t) for t in pending)  # the batch's first image
+                    raise ConfigError(f"--data {data}, images {sources[first]} and after: {error}") from error
                 pending.append(tokens)
                 bar.advance(task, len(tokens))
                 buffered = sum(len(t) for t in pending)

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+import dvae.nll_kernel
 from dvae.codebook import GumbelCodebook, GumbelSoftmaxProjection, KLToUniform
 from dvae.losses import logit_laplace_nll
 from dvae.model import DVAE
@@ -96,6 +97,7 @@ def test_compiled_kernel_matches_float64_reference(scale_shape):
         assert_float32_close(got, want, seed)
         for g, w in zip(got_grads, want_grads):
             assert_float32_close(g, w, seed)
+    assert not dvae.nll_kernel._compile_failed, "the compiled kernel fell back to the eager one"
 
 
 def test_log32_is_within_two_float32_ulps_of_the_logarithm():

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import ConfigError
+
 
 def stable_seed(*key: object) -> int:
     """A 63-bit seed derived from `key` that is the same in every process and Python version."""
@@ -210,7 +212,7 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if (state["batch_size"], state["world_size"]) != (self.batch_size, self.sampler.world_size):
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint was taken with {state['world_size']} processes of {state['batch_size']} images; "
                 f"this run has {self.sampler.world_size} of {self.batch_size}: resume with the same "
                 "trainer.devices, trainer.num_nodes and data.batch_size."

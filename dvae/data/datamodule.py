@@ -161,6 +161,12 @@ class DVAEDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self.ranks()
         if isinstance(self.train_set, ShardStream):
+            readers = world * max(1, self.num_workers)
+            if len(self.train_set.shards) < readers:
+                raise ConfigError(
+                    f"data.urls has {len(self.train_set.shards)} training shards but {readers} readers ({world} "
+                    f"processes x {max(1, self.num_workers)} workers) need one each; use more shards or fewer "
+                    "data.num_workers.")
             self.train_set.rank, self.train_set.world_size = rank, world
             return StreamLoader(self.train_set, batch_size=self.per_rank_batch_size(world, self.batch_size),
                                 drop_last=True, num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
