@@ -10,7 +10,9 @@ import inspect
 import numbers
 import os
 import tempfile
+import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -67,7 +69,8 @@ class DVAEDataModule(L.LightningDataModule):
         self.val_urls = val_urls
         self.shuffle_buffer = shuffle_buffer
         self.validate()
-        self.bad_file_log = BadFiles(tempfile.mkdtemp(prefix="dvae-bad-files-"))
+        # created only when a file is skipped; workers inherit the path and write beside the main process
+        self.bad_file_log = BadFiles(Path(tempfile.gettempdir()) / f"dvae-bad-files-{os.getpid()}-{uuid.uuid4().hex}")
         # Built here rather than in setup(): missing files must fail now, before training starts.
         self.train_set, self.val_set = self._build_datasets()
 

@@ -90,10 +90,13 @@ class BadFiles:
             return
         self.seen.add(str(path))
         warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
+        self.folder.mkdir(parents=True, exist_ok=True)
         with (self.folder / f"bad-{os.getpid()}.txt").open("a", encoding="utf-8") as file:
             file.write(f"{path}\t{reason}\n")
 
     def entries(self) -> list[tuple[str, str]]:
+        if not self.folder.is_dir():
+            return []
         lines = {line for log in self.folder.glob("bad-*.txt") for line in log.read_text().splitlines() if line}
         return sorted(tuple(line.split("\t", 1)) for line in lines)
 
