@@ -307,6 +307,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
         plugins.append(SLURMEnvironment(auto_requeue=bool(cfg.strategy.get("requeue", True))))
+    if strategy in ("ddp", "ddp_spawn"):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # No buffer needs syncing (the only one is the EMA's update count, equal on every rank), and DDP's
+        # per-forward buffer broadcast would pair up wrongly when ranks validate different numbers of batches.
+        strategy = DDPStrategy(start_method="spawn" if strategy == "ddp_spawn" else "popen", broadcast_buffers=False)
     return L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         strategy=strategy, precision=str(cfg.precision), logger=loggers, plugins=plugins,
