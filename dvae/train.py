@@ -340,6 +340,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     pretrained = load_init_from(cfg) if resume_from is None else None
     validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # Subnormal floats take a slow path on x86 CPUs: measured 3.1 s instead of 0.11 s per default training
+    # step once they appear; flushing them to zero changes nothing above 1e-38.
+    torch.set_flush_denormal(True)
     try:
         module = build_module(cfg)
     except (ValueError, TypeError) as error:  # a setting the model or a schedule refuses, e.g. scale.log_floor=nan

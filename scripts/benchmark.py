@@ -324,6 +324,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    torch.set_flush_denormal(True)  # as dvae-train does: subnormal floats are very slow on x86 CPUs
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
