@@ -135,6 +135,3 @@ class RunCheckpoints(L.Callback):
             return  # a crash: keep the last periodic checkpoint, whose state is known to be good
         if self.saved_step != trainer.global_step:
             self.save(trainer)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"every_n_steps": self.every_n_steps}

@@ -136,10 +136,10 @@ def reconstruct(mu: Tensor, eps: float = 0.1) -> Tensor:
 
 
 def reconstruction_loss(
-    name: str, x: Tensor, mu: Tensor, log_scale: Tensor | None, eps: float = 0.1, reduction: str = "none"
+    name: str, x: Tensor, mu: Tensor, log_scale: Tensor | None, eps: float = 0.1
 ) -> Tensor:
-    """Reconstruction loss selected by the `loss=` config key: elementwise, or its mean with
-    `reduction="mean"` (one fused pass for the logit-Laplace NLL).
+    """Elementwise reconstruction loss selected by the `loss=` config key (training takes the
+    logit-Laplace mean in one pass with `logit_laplace_nll_mean`).
 
     `l1` and `mse` compare `x` with the unclamped reconstruction (sigmoid(mu) - eps)/(1 - 2 eps),
     the same image the logit-Laplace model would show, so the three losses are comparable.
@@ -147,12 +147,12 @@ def reconstruction_loss(
     if name == "logit_laplace":
         if log_scale is None:
             raise ValueError("loss=logit_laplace needs a log_scale tensor.")
-        return logit_laplace_nll(x, mu, log_scale, eps, reduction)
+        return logit_laplace_nll(x, mu, log_scale, eps)
     x_hat = (torch.sigmoid(mu) - eps) / (1 - 2 * eps)
     if name == "l1":
-        return F.l1_loss(x_hat, x, reduction=reduction)
+        return F.l1_loss(x_hat, x, reduction="none")
     if name == "mse":
-        return F.mse_loss(x_hat, x, reduction=reduction)
+        return F.mse_loss(x_hat, x, reduction="none")
     raise ValueError(f"loss={name!r} is not known; use one of {', '.join(LOSSES)}.")
 
 

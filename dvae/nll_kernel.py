@@ -9,8 +9,9 @@ by the incoming gradient:
     dnll/dln b = 1 - |d| / b
     dnll/dx    = (1 - 2 eps) (sign(d) / b + 1 - 2 y) / (y (1 - y))
 
-With `reduction="mean"` the mean is taken inside the same pass and folded into the factors, so neither
-the elementwise nll nor the broadcast gradient of the mean is ever written out.
+With `reduction="mean"` the mean is taken inside the same pass and folded into the factors; in the compiled
+kernel neither the elementwise nll nor the broadcast gradient of the mean is written out (the eager one
+builds the elementwise nll and takes its mean).
 
 On the CPU the two logarithms per element are most of the work, and torch's vectorised logarithm is
 about twice as slow as float32 needs: for float32 CPU inputs of at least `COMPILED_MIN_ELEMENTS` the

@@ -153,7 +153,8 @@ class DVAEDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def per_rank_batch_size(self, world_size: int, global_batch: int) -> int:
+    def per_rank_batch_size(self, world_size: int) -> int:
+        global_batch = self.batch_size
         if global_batch % world_size:
             raise ConfigError(
                 f"data.batch_size={global_batch} is the global batch and must split evenly over the {world_size} "
@@ -171,13 +172,13 @@ class DVAEDataModule(L.LightningDataModule):
                     f"processes x {max(1, self.num_workers)} workers) need one each; use more shards or fewer "
                     "data.num_workers.")
             self.train_set.rank, self.train_set.world_size = rank, world
-            return StreamLoader(self.train_set, batch_size=self.per_rank_batch_size(world, self.batch_size),
+            return StreamLoader(self.train_set, batch_size=self.per_rank_batch_size(world),
                                 drop_last=True, num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
         # EpochSampler shuffles, deals the epoch out to the ranks, and hands out new indices every epoch
         # so crops are fresh each epoch; ResumableLoader lets Lightning resume inside an epoch.
         return ResumableLoader(
             self.train_set,
-            batch_size=self.per_rank_batch_size(world, self.batch_size),
+            batch_size=self.per_rank_batch_size(world),
             sampler=EpochSampler(len(self.train_set), self.seed, rank, world),
             drop_last=True,
             num_workers=self.num_workers,
@@ -189,7 +190,7 @@ class DVAEDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self.ranks()
-        batch_size = self.val_batch_size or self.per_rank_batch_size(world, self.batch_size)
+        batch_size = self.val_batch_size or self.per_rank_batch_size(world)
         if isinstance(self.val_set, ShardStream):
             self.val_set.rank, self.val_set.world_size = rank, world
             return DataLoader(self.val_set, batch_size=batch_size, num_workers=self.num_workers,
