@@ -2,7 +2,7 @@
 
 Autograd through the plain formula makes about 25 passes over the image (forward and backward). Here
 the forward is one pass that also writes the factors of the gradient, and the backward multiplies them
-by the incoming gradient:
+by the incoming gradient (or, in the compiled kernel, passes them on where that gradient is 1):
 
     y = (1 - 2 eps) x + eps,  d = logit(y) - mu,  nll = |d| / b + ln b + ln 2 + ln y + ln(1 - y)
     dnll/dmu   = -sign(d) / b
@@ -13,10 +13,11 @@ With `reduction="mean"` the mean is taken inside the same pass and folded into t
 kernel neither the elementwise nll nor the broadcast gradient of the mean is written out (the eager one
 builds the elementwise nll and takes its mean).
 
-On the CPU the two logarithms per element are most of the work, and torch's vectorised logarithm is
-about twice as slow as float32 needs: for float32 CPU inputs of at least `COMPILED_MIN_ELEMENTS` the
-kernel is compiled with `torch.compile` and uses `log32`. Everything else (float64, small or broadcast
-inputs, CUDA, no C++ compiler) runs the same kernel in eager torch ops with `torch.log`.
+On the CPU the two logarithms and the exponential per element are most of the work, and torch's
+vectorised ones are slower than float32 needs: for float32 CPU inputs of at least `COMPILED_MIN_ELEMENTS`
+the kernel is compiled with `torch.compile` and uses `log32` and `exp32`. Everything else (float64, small
+or broadcast inputs, CUDA, no C++ compiler) runs the same kernel in eager torch ops with `torch.log` and
+`torch.exp`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ COMPILED_MIN_ELEMENTS = 2**18
 # float32 sqrt(0.5) as bits: `log32` splits v = 2**e * m with m in [sqrt(0.5), sqrt(2)).
 _SQRT_HALF_BITS = 0x3F3504F3
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
+# ln 2 = _LN2_HIGH + _LN2_LOW, the first with 16 significant bits: n * _LN2_HIGH is exact for |n| < 2**8.
+_LN2_HIGH = 0.693145751953125
+_LN2_LOW = LN2 - _LN2_HIGH
 # Fused multiply-adds in the compiled polynomial: faster, and each rounds once instead of twice.
 _COMPILE_OPTIONS = {"cpp.enable_floating_point_contract_flag": "fast"}
 _compiled_kernel = None
@@ -60,14 +64,29 @@ def log32(v: Tensor) -> Tensor:
     return 2 * s * series + e.to(torch.float32) * LN2
 
 
+def exp32(v: Tensor) -> Tensor:
+    """e**v for float32 v, within 2 ulp; v is clamped to [-87.3, 88.7], where e**v is a normal float32.
+
+    v = n ln 2 + f with n an integer and |f| <= ln(2) / 2 (ln 2 in two parts, so that f is exact), then
+    e**v = 2**n e**f with e**f summed to the f**7 term (the rest is below 2**-28 of the sum).
+    """
+    v = v.clamp(-87.3, 88.7)
+    n = torch.round(v * (1 / LN2))
+    f = v - n * _LN2_HIGH - n * _LN2_LOW
+    series = torch.full_like(f, 1 / 5040)
+    for k in (720, 120, 24, 6, 2, 1, 1):
+        series = series * f + 1 / k
+    return (series.view(torch.int32) + (n.to(torch.int32) << 23)).view(torch.float32)
+
+
 def _terms(x: Tensor, mu: Tensor, log_scale: Tensor, eps: float, mean: bool, need_x: bool,
-           need_mu: bool, need_scale: bool, log=torch.log) -> tuple[Tensor | None, ...]:
+           need_mu: bool, need_scale: bool, log=torch.log, exp=torch.exp) -> tuple[Tensor | None, ...]:
     """The nll (elementwise, or its mean) and the factors that turn the incoming gradient into each
     input's gradient (None for an input that needs none)."""
     y = x * (1 - 2 * eps) + eps
     log_y, log_1my = log(y), log(1 - y)
     d = log_y - log_1my - mu
-    inv_b = torch.exp(-log_scale)
+    inv_b = exp(-log_scale)
     t = d.abs() * inv_b
     nll = t + log_scale + LN2 + log_y + log_1my
     weight = 1 / nll.numel() if mean else 1.0
@@ -79,7 +98,7 @@ def _terms(x: Tensor, mu: Tensor, log_scale: Tensor, eps: float, mean: bool, nee
 
 
 def _fast_terms(x, mu, log_scale, eps, mean, need_x, need_mu, need_scale):
-    return _terms(x, mu, log_scale, eps, mean, need_x, need_mu, need_scale, log=log32)
+    return _terms(x, mu, log_scale, eps, mean, need_x, need_mu, need_scale, log=log32, exp=exp32)
 
 
 def uses_compiled_kernel(x: Tensor, mu: Tensor, log_scale: Tensor, eps: float,
@@ -106,7 +125,9 @@ def _compiled_terms(x: Tensor, mu: Tensor, log_scale: Tensor, *args) -> list[Ten
     flat = [t.reshape(-1) if t.dim() else t for t in (x, mu, log_scale)]
     try:
         if _compiled_kernel is None:  # inside the try: an older torch may not know an option
-            _compiled_kernel = torch.compile(_fast_terms, dynamic=True, fullgraph=True, options=_COMPILE_OPTIONS)
+            # dynamic=None: a kernel for the first element count (about 20% faster than a kernel for any
+            # count, which is compiled the first time another count comes)
+            _compiled_kernel = torch.compile(_fast_terms, dynamic=None, fullgraph=True, options=_COMPILE_OPTIONS)
         nll, *factors = _compiled_kernel(*flat, *args)
     except Exception as error:
         _compile_failed = True
@@ -125,13 +146,18 @@ class LogitLaplaceNLL(torch.autograd.Function):
         terms = _compiled_terms(*args) if compiled else None
         nll, *factors = terms if terms is not None else _terms(*args)
         ctx.shapes = (x.shape, mu.shape, log_scale.shape)
+        ctx.compiled = terms is not None
         ctx.save_for_backward(*(f for f in factors if f is not None))
         return nll
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         factors = iter(ctx.saved_tensors)
-        grads = [(grad * next(factors)).sum_to_size(shape) if needed else None
+        # The mean's incoming gradient is usually exactly 1 (loss.backward()): the factors are then the
+        # gradients, and a pass over each is saved. Autograd copies them before anyone may write to
+        # them while the graph is retained (AccumulateGrad and InputBuffer check the reference count).
+        one = ctx.compiled and grad.dim() == 0 and grad.item() == 1.0
+        grads = [(next(factors) if one else grad * next(factors)).sum_to_size(shape) if needed else None
                  for shape, needed in zip(ctx.shapes, ctx.needs_input_grad)]
         return *grads, None, None, None
 
