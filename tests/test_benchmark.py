@@ -15,7 +15,8 @@ KEYS = {
     "loss": {"seed_ms", "elementwise_then_mean_ms", "mean_ms", "speedup_elementwise_then_mean", "speedup_mean",
              "first_call_with_compile_s"},
     "training": {"images_per_s_preloaded", "images_per_s_real_data", "real_over_preloaded_step_time",
-                 "gflop_per_step", "achieved_gflops", "fraction_of_matmul_peak", "build_and_first_step_s"},
+                 "gflop_per_step", "achieved_gflops", "matmul_gflops_alongside", "fraction_of_matmul_peak",
+                 "build_and_first_step_s"},
     "memory": {"K", "fused_codebook", "before_step_mb", "peak_mb", "step_adds_mb"},
     "encode": {"images_per_s"},
 }
