@@ -73,3 +73,30 @@ def test_channels_last_training_computes_the_same_loss_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     fast.teardown("fit")
     assert fast.ema_model.encoder.blocks.input.weight.is_contiguous()  # loaded and exported models are NCHW
+
+
+@pytest.mark.parametrize("n_layers", [4, 3], ids=["power-of-two gain", "gain 1/9"])
+@pytest.mark.parametrize("n_in", [8, 16], ids=["1x1 identity path", "identity"])
+def test_a_residual_block_computes_id_path_plus_post_gain_times_res_path(n_layers, n_in):
+    """ResidualBlock folds post_gain into its last convolution; the function (and its gradients) stays
+    id_path(x) + post_gain * res_path(x), in float64 to rounding and bit for bit for a power-of-two gain."""
+    from dvae.blocks import ResidualBlock
+
+    torch.manual_seed(n_layers)
+    for dtype in (torch.float64, torch.float32):
+        block = ResidualBlock(n_in, 16, n_layers, (3, 3, 3, 1)).to(dtype)
+        with torch.no_grad():
+            for bias in (m.bias for m in block.modules() if isinstance(m, torch.nn.Conv2d)):
+                bias.normal_()  # they start at zero
+        x = torch.randn(2, n_in, 8, 8, dtype=dtype, requires_grad=True)
+        got = block(x)
+        want = block.id_path(x) + block.post_gain * block.res_path(x)
+        weights = torch.randn_like(got)
+        grads = [torch.autograd.grad((y * weights).sum(), [x, *block.parameters()]) for y in (got, want)]
+        if n_layers == 4:
+            assert torch.equal(got, want)
+            assert all(torch.equal(g, w) for g, w in zip(*grads))
+        else:
+            tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+            torch.testing.assert_close(got, want, **tolerance)
+            torch.testing.assert_close(grads[0], grads[1], **tolerance)
