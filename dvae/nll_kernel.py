@@ -69,6 +69,7 @@ def exp32(v: Tensor) -> Tensor:
 
     v = n ln 2 + f with n an integer and |f| <= ln(2) / 2 (ln 2 in two parts, so that f is exact), then
     e**v = 2**n e**f with e**f summed to the f**7 term (the rest is below 2**-28 of the sum).
+    A NaN gives an unspecified number, not NaN: the nll adds ln b itself, so the loss is still NaN.
     """
     v = v.clamp(-87.3, 88.7)
     n = torch.round(v * (1 / LN2))

@@ -118,6 +118,15 @@ def test_exp32_is_within_two_float32_ulps_of_the_exponential():
     assert ((exp32(v).double() - want).abs() / (want * 2**-23)).max() <= 2, seed
 
 
+def test_a_nan_scale_makes_the_compiled_loss_nan():
+    """exp32 gives no NaN for a NaN input, but the nll keeps ln b itself: the non-finite guard still sees it."""
+    shape = (COMPILED_MIN_ELEMENTS,)
+    x, mu, log_scale = torch.rand(shape), torch.randn(shape, requires_grad=True), torch.zeros(shape, requires_grad=True)
+    log_scale.data[123] = float("nan")
+    assert uses_compiled_kernel(x, mu, log_scale, EPS)
+    assert logit_laplace_nll(x, mu, log_scale, reduction="mean").isnan()
+
+
 def test_no_clamping_at_the_ends_of_the_pixel_range_or_for_large_locations():
     x = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5, 0.5], dtype=torch.float64)
     mu = torch.tensor([40.0, -40.0, -3.0, 3.0, 1e3, -1e3], dtype=torch.float64)
