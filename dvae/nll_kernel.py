@@ -27,6 +27,7 @@ import warnings
 
 import torch
 from torch import Tensor
+from torch._dynamo.exc import FailOnRecompileLimitHit
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 LN2 = math.log(2.0)
@@ -45,6 +46,7 @@ _LN2_LOW = LN2 - _LN2_HIGH
 _COMPILE_OPTIONS = {"cpp.enable_floating_point_contract_flag": "fast"}
 _compiled_kernel = None
 _compile_failed = False
+_recompile_limit_warned = False
 
 
 def log32(v: Tensor) -> Tensor:
@@ -120,9 +122,11 @@ def uses_compiled_kernel(x: Tensor, mu: Tensor, log_scale: Tensor, eps: float,
 
 
 def _compiled_terms(x: Tensor, mu: Tensor, log_scale: Tensor, *args) -> list[Tensor | None] | None:
-    """`_fast_terms` compiled over flat tensors (one kernel for every shape); None, with a warning
-    the first time, where compiling is impossible (no C++ compiler, say)."""
-    global _compiled_kernel, _compile_failed
+    """`_fast_terms` compiled over flat tensors; None where it cannot be: with a warning the first time,
+    for good where compiling is impossible (no C++ compiler, say), for this call where torch._dynamo
+    already holds its limit of kernels (`recompile_limit`: each eps, reduction and set of gradients
+    is a kernel of its own)."""
+    global _compiled_kernel, _compile_failed, _recompile_limit_warned
     flat = [t.reshape(-1) if t.dim() else t for t in (x, mu, log_scale)]
     try:
         if _compiled_kernel is None:  # inside the try: an older torch may not know an option
@@ -130,6 +134,13 @@ def _compiled_terms(x: Tensor, mu: Tensor, log_scale: Tensor, *args) -> list[Ten
             # count, which is compiled the first time another count comes)
             _compiled_kernel = torch.compile(_fast_terms, dynamic=None, fullgraph=True, options=_COMPILE_OPTIONS)
         nll, *factors = _compiled_kernel(*flat, *args)
+    except FailOnRecompileLimitHit:
+        if not _recompile_limit_warned:
+            _recompile_limit_warned = True
+            warnings.warn("the compiled logit-Laplace kernel has reached torch._dynamo's recompile_limit in this "
+                          "process; new combinations of eps, reduction and gradients run the eager kernel.",
+                          RuntimeWarning, stacklevel=4)
+        return None
     except Exception as error:
         _compile_failed = True
         warnings.warn(f"the compiled logit-Laplace kernel is unavailable ({type(error).__name__}: {error}); "

@@ -118,6 +118,21 @@ def test_exp32_is_within_two_float32_ulps_of_the_exponential():
     assert ((exp32(v).double() - want).abs() / (want * 2**-23)).max() <= 2, seed
 
 
+def test_past_dynamos_recompile_limit_new_arguments_run_the_eager_kernel(recwarn):
+    """Each eps is a kernel of its own; past torch._dynamo's limit the call runs eager, with the same
+    result, and the compiled kernel stays on for the arguments it has."""
+    generator, seed = fresh_generator()
+    x, mu, log_scale = random_inputs((4096,), (4096,), torch.float32, generator)
+    nll = functools.partial(fused_logit_laplace_nll, reduction="mean", kernel="compiled")
+    nll(x, mu, log_scale, EPS)  # compiled, if it was not yet
+    with torch._dynamo.config.patch(recompile_limit=1):
+        got = nll(x, mu, log_scale, 0.0123)
+    assert not dvae.nll_kernel._compile_failed
+    reference = reference_nll(*(t.detach().double() for t in (x, mu, log_scale)), eps=0.0123).mean()
+    assert_float32_close(got.double(), reference, seed)
+    assert any("recompile_limit" in str(w.message) for w in recwarn) or dvae.nll_kernel._recompile_limit_warned
+
+
 def test_a_nan_scale_makes_the_compiled_loss_nan():
     """exp32 gives no NaN for a NaN input, but the nll keeps ln b itself: the non-finite guard still sees it."""
     shape = (COMPILED_MIN_ELEMENTS,)
