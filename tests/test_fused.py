@@ -135,11 +135,11 @@ def test_past_dynamos_recompile_limit_new_arguments_run_the_eager_kernel(recwarn
 
 def test_a_nan_scale_makes_the_compiled_loss_nan():
     """exp32 gives no NaN for a NaN input, but the nll keeps ln b itself: the non-finite guard still sees it."""
-    shape = (COMPILED_MIN_ELEMENTS,)
-    x, mu, log_scale = torch.rand(shape), torch.randn(shape, requires_grad=True), torch.zeros(shape, requires_grad=True)
+    generator, _ = fresh_generator()
+    x, mu, log_scale = random_inputs((4096,), (4096,), torch.float32, generator)  # a kernel the tests above have
     log_scale.data[123] = float("nan")
-    assert uses_compiled_kernel(x, mu, log_scale, EPS)
-    assert logit_laplace_nll(x, mu, log_scale, reduction="mean").isnan()
+    assert uses_compiled_kernel(x, mu, log_scale, EPS, min_elements=0)
+    assert fused_logit_laplace_nll(x, mu, log_scale, EPS, reduction="mean", kernel="compiled").isnan()
 
 
 def test_no_clamping_at_the_ends_of_the_pixel_range_or_for_large_locations():
