@@ -89,10 +89,13 @@ class Matmul:
     def __call__(self) -> None:
         torch.mm(self.a, self.b)
 
+    def gflops(self, seconds: float) -> float:
+        return self.flops / seconds / 1e9
+
 
 def matmul_peak(matmul: Matmul, device: str, repeats: int) -> float:
     """GFLOP/s of the matmul, on its own."""
-    return matmul.flops / median_seconds(matmul, repeats, warmup=2, device=device) / 1e9
+    return matmul.gflops(median_seconds(matmul, repeats, warmup=2, device=device))
 
 
 def loss_benchmark(repeats: int) -> dict:
@@ -198,7 +201,7 @@ def training_benchmark(model: str, size: int, batch: int, device: str, precision
     medians = interleaved_medians({"preloaded": lambda: step(preloaded), "real": lambda: step(next_batch().to(device)),
                                    "matmul": matmul}, repeats, warmup=1, device=device)
     preloaded_s, real_s = medians["preloaded"], medians["real"]
-    achieved, peak = flops / preloaded_s / 1e9, matmul.flops / medians["matmul"] / 1e9
+    achieved, peak = flops / preloaded_s / 1e9, matmul.gflops(medians["matmul"])
     return {
         "model": model, "size": size, "batch": batch, "compiled": compile_model,
         "images_per_s_preloaded": batch / preloaded_s, "images_per_s_real_data": batch / real_s,
