@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -28,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+import dvae  # noqa: F401  first: dvae turns on torch's huge-page allocation, which torch reads once
+
+# isort: split
 import torch
 from torch.distributions import Laplace
 from torch.utils.flop_counter import FlopCounterMode
@@ -275,7 +279,8 @@ def machine(device: str) -> dict:
                 cpu = line.split(":", 1)[1].strip()
                 break
     info = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": device}
+            "threads": torch.get_num_threads(), "device": device,
+            "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE")}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
