@@ -13,8 +13,9 @@ from .blocks import ResidualBlock, conv, group_widths
 
 class Decoder(nn.Module):
     """1x1 conv K -> n_init (its weight is the codebook); groups of residual blocks with widths
-    n_hid x (8, 4, 2, 1), nearest 2x upsampling after all but the last; ReLU then a 1x1 conv to
-    `out_channels` maps (2*C for a learned scale: mu and ln b; C otherwise)."""
+    n_hid x (8, 4, 2, 1), nearest 2x upsampling between groups (done by the next group's first block,
+    after its per-pixel layers); ReLU then a 1x1 conv to `out_channels` maps (2*C for a learned scale:
+    mu and ln b; C otherwise)."""
 
     def __init__(self, out_channels: int = 6, n_hid: int = 256, blocks_per_group: int = 2,
                  groups: int = 4, K: int = 8192, n_init: int = 128):
@@ -30,10 +31,9 @@ class Decoder(nn.Module):
         for g, width in enumerate(widths, start=1):
             group: dict[str, nn.Module] = {}
             for b in range(1, blocks_per_group + 1):
-                group[f"block_{b}"] = ResidualBlock(n_in, width, n_layers, (1, 3, 3, 3))
+                upsample = 2 if g > 1 and b == 1 else 1
+                group[f"block_{b}"] = ResidualBlock(n_in, width, n_layers, (1, 3, 3, 3), upsample)
                 n_in = width
-            if g < groups:
-                group["upsample"] = nn.Upsample(scale_factor=2, mode="nearest")
             stages[f"group_{g}"] = nn.Sequential(OrderedDict(group))
         stages["output"] = nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=conv(n_in, out_channels, 1)))
         self.blocks = nn.Sequential(OrderedDict(stages))

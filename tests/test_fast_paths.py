@@ -132,3 +132,49 @@ def test_importing_dvae_first_asks_for_huge_pages_for_large_cpu_tensors(setting)
     out = subprocess.run([sys.executable, "-c", HUGE_PAGE_FLAG_OF_A_TENSOR], env=env, capture_output=True,
                          text=True, check=True)
     assert out.stdout.split() == (["1", "True"] if setting is None else ["0", "False"])
+
+
+def _nearest_2x(x):
+    return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+
+
+@pytest.mark.parametrize("kernels", [(1, 3, 3, 3), (3, 3, 3, 1)], ids=["decoder block", "encoder block"])
+@pytest.mark.parametrize("n_in", [32, 16], ids=["1x1 identity path", "identity"])
+def test_an_upsampling_block_is_the_block_on_the_upsampled_input(kernels, n_in):
+    """A block with upsample=2 runs its per-pixel layers before upsampling; the function and its gradients
+    stay block(nearest-upsampled x), in float64 to rounding."""
+    from dvae.blocks import ResidualBlock
+
+    torch.manual_seed(0)
+    block = ResidualBlock(n_in, 16, 4, kernels, upsample=2).double()
+    with torch.no_grad():
+        for bias in (m.bias for m in block.modules() if isinstance(m, torch.nn.Conv2d)):
+            bias.normal_()
+    x = torch.randn(2, n_in, 5, 6, dtype=torch.float64, requires_grad=True)
+    got = block(x)
+    big = _nearest_2x(x)
+    want = block.id_path(big) + block.post_gain * block.res_path(big)
+    assert got.shape == (2, 16, 10, 12)
+    weights = torch.randn_like(got)
+    grads = [torch.autograd.grad((y * weights).sum(), [x, *block.parameters()]) for y in (got, want)]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
+def test_the_decoder_upsamples_twice_between_groups():
+    """The decoder's function written out: groups of blocks with a nearest 2x upsampling between groups."""
+    from dvae.decoder import Decoder
+
+    torch.manual_seed(0)
+    decoder = Decoder(out_channels=6, n_hid=8, blocks_per_group=2, groups=3, K=16, n_init=8).double()
+    z = torch.softmax(torch.randn(2, 16, 3, 4, dtype=torch.float64), dim=1)
+    h = decoder.blocks.input(z)
+    for g in (1, 2, 3):
+        if g > 1:
+            h = _nearest_2x(h)
+        for block in getattr(decoder.blocks, f"group_{g}"):
+            h = block.id_path(h) + block.post_gain * block.res_path(h)
+    want = decoder.blocks.output(h)
+    got = decoder(z)
+    assert got.shape == (2, 6, 12, 16)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
