@@ -85,8 +85,9 @@ def _relaxed_sample(logits: Tensor, tau: float, rng_state: Tensor | None = None)
             else:
                 torch.set_rng_state(rng_state)
             u = torch.rand(**shape)
-    u.clamp_(torch.finfo(logits.dtype).tiny, 1.0).log_().neg_().log_()  # u -> -g
-    return (logits - u).div_(tau).softmax(dim=1)
+    # u -> -g -> logits + g -> (logits + g) / tau in place: one [B, K, h, w] buffer besides the logits
+    u.clamp_(torch.finfo(logits.dtype).tiny, 1.0).log_().neg_().log_().neg_().add_(logits).div_(tau)
+    return u.softmax(dim=1)
 
 
 def _rng_state(device: torch.device) -> Tensor:

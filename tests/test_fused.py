@@ -225,6 +225,22 @@ def test_fused_gumbel_projection_passes_gradcheck():
     assert torch.autograd.gradcheck(sample_then_project, (logits[:1, :, :2, :2], weight, bias))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_sample_is_the_softmax_of_logits_plus_gumbel_noise_over_tau(dtype):
+    """The in-place sampler computes softmax((logits + g) / tau), g = -log(-log(u)), bit for bit."""
+    from dvae.codebook import _relaxed_sample
+
+    generator, seed = fresh_generator()
+    logits = torch.randn(2, 64, 3, 4, generator=generator).to(dtype) * 3
+    with torch.random.fork_rng():
+        torch.manual_seed(len(seed))
+        got = _relaxed_sample(logits, 0.7)
+        torch.manual_seed(len(seed))
+        u = torch.rand(logits.shape, dtype=dtype).clamp(torch.finfo(dtype).tiny, 1.0)
+    want = ((logits + -torch.log(-torch.log(u))) / 0.7).softmax(dim=1)
+    assert torch.equal(got, want), seed
+
+
 def test_fused_kl_to_uniform_matches_the_categorical_kl_in_float64():
     generator, seed = fresh_generator()
     logits = (torch.randn(2, 7, 3, 4, generator=generator, dtype=torch.float64) * 3).requires_grad_()
