@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -177,9 +178,11 @@ def model_config(model: str, size: int, batch: int, extra: tuple[str, ...] = ())
 
 
 def training_benchmark(model: str, size: int, batch: int, device: str, precision: str, repeats: int,
-                       matmul: Matmul, compile_model: bool) -> dict:
+                       matmul: Matmul, compile_model: bool, min_seconds: float = 0.0) -> dict:
     """images/s with real data and with a preloaded batch; FLOPs per step and the fraction of the matmul's
-    GFLOP/s, the matmul timed in turn with the steps (the machine's speed drifts on shared hosts)."""
+    GFLOP/s, the matmul timed in turn with the steps (the machine's speed drifts on shared hosts). Fast
+    steps get more repeats, up to `min_seconds` of preloaded steps: a median of five 0.15 s steps swung
+    the real/preloaded ratio by 10% on a shared machine."""
     from dvae.data import build_datamodule
 
     cfg = model_config(model, size, batch)
@@ -202,12 +205,14 @@ def training_benchmark(model: str, size: int, batch: int, device: str, precision
     with FlopCounterMode(display=False) as counter:
         step(preloaded)
     flops = counter.get_total_flops()
+    one_step = median_seconds(lambda: step(preloaded), repeats=1, warmup=0, device=device)
+    repeats = max(repeats, min(40, math.ceil(min_seconds / one_step)))
     medians = interleaved_medians({"preloaded": lambda: step(preloaded), "real": lambda: step(next_batch().to(device)),
                                    "matmul": matmul}, repeats, warmup=1, device=device)
     preloaded_s, real_s = medians["preloaded"], medians["real"]
     achieved, peak = flops / preloaded_s / 1e9, matmul.gflops(medians["matmul"])
     return {
-        "model": model, "size": size, "batch": batch, "compiled": compile_model,
+        "model": model, "size": size, "batch": batch, "compiled": compile_model, "repeats": repeats,
         "images_per_s_preloaded": batch / preloaded_s, "images_per_s_real_data": batch / real_s,
         "real_over_preloaded_step_time": real_s / preloaded_s,
         "gflop_per_step": flops / 1e9, "achieved_gflops": achieved, "matmul_gflops_alongside": peak,
@@ -334,7 +339,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch threads (default: torch's choice; 1 gives steadier figures on a busy machine)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: tiny model at 32 px unless given, batch 4, few repeats")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default: 5)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats per figure (default: 5; fast training steps get more, up to 3 s)")
     parser.add_argument("--out", default="benchmark.json", help="where to write the JSON (default: %(default)s)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -367,7 +373,8 @@ def main(argv=None) -> dict:
     if device == "cpu":
         results["loss"] = loss_benchmark(repeats=5 if quick else 30)
     results["training"] = [
-        training_benchmark(model, size, batch, device, args.precision, repeats, matmul, compile_model)
+        training_benchmark(model, size, batch, device, args.precision, repeats, matmul, compile_model,
+                           min_seconds=0.0 if quick else 3.0)
         for model in models for size in sizes for compile_model in ([False, True] if args.compile else [False])
     ]
     memory_model, memory_size = models[-1], max(sizes)

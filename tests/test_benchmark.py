@@ -16,7 +16,7 @@ KEYS = {
              "first_call_with_compile_s"},
     "training": {"images_per_s_preloaded", "images_per_s_real_data", "real_over_preloaded_step_time",
                  "gflop_per_step", "achieved_gflops", "matmul_gflops_alongside", "fraction_of_matmul_peak",
-                 "build_and_first_step_s"},
+                 "build_and_first_step_s", "repeats"},
     "memory": {"K", "fused_codebook", "before_step_mb", "peak_mb", "step_adds_mb"},
     "encode": {"images_per_s"},
 }
