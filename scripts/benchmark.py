@@ -39,6 +39,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dvae.losses import logit_laplace_nll
 
+# training steps shorter than this, repeated `repeats` times, get more repeats (at most MAX_STEP_REPEATS)
+MIN_STEP_SECONDS, MAX_STEP_REPEATS = 3.0, 40
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -205,8 +207,9 @@ def training_benchmark(model: str, size: int, batch: int, device: str, precision
     with FlopCounterMode(display=False) as counter:
         step(preloaded)
     flops = counter.get_total_flops()
-    one_step = median_seconds(lambda: step(preloaded), repeats=1, warmup=0, device=device)
-    repeats = max(repeats, min(40, math.ceil(min_seconds / one_step)))
+    if min_seconds > 0:
+        one_step = median_seconds(lambda: step(preloaded), repeats=1, warmup=0, device=device)
+        repeats = max(repeats, min(MAX_STEP_REPEATS, math.ceil(min_seconds / one_step)))
     medians = interleaved_medians({"preloaded": lambda: step(preloaded), "real": lambda: step(next_batch().to(device)),
                                    "matmul": matmul}, repeats, warmup=1, device=device)
     preloaded_s, real_s = medians["preloaded"], medians["real"]
@@ -340,7 +343,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: tiny model at 32 px unless given, batch 4, few repeats")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed repeats per figure (default: 5; fast training steps get more, up to 3 s)")
+                        help=f"timed repeats per figure (default: 5; fast training steps get more, "
+                             f"up to {MIN_STEP_SECONDS:g} s)")
     parser.add_argument("--out", default="benchmark.json", help="where to write the JSON (default: %(default)s)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -374,7 +378,7 @@ def main(argv=None) -> dict:
         results["loss"] = loss_benchmark(repeats=5 if quick else 30)
     results["training"] = [
         training_benchmark(model, size, batch, device, args.precision, repeats, matmul, compile_model,
-                           min_seconds=0.0 if quick else 3.0)
+                           min_seconds=0.0 if quick else MIN_STEP_SECONDS)
         for model in models for size in sizes for compile_model in ([False, True] if args.compile else [False])
     ]
     memory_model, memory_size = models[-1], max(sizes)
