@@ -1,13 +1,17 @@
-"""Callbacks that show people what the run is doing: reconstruction grids at every validation."""
+"""Callbacks that show people what the run is doing: reconstruction grids and codebook-usage
+histograms at every validation, and a warning the moment the codebook collapses."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
+
+from .errors import TrainingError
 
 
 class ReconstructionGrid(L.Callback):
@@ -46,3 +50,65 @@ class ReconstructionGrid(L.Callback):
                 experiment.add_image("val/reconstructions", grid, trainer.global_step)
             elif type(logger).__name__ == "WandbLogger":
                 logger.log_image("val/reconstructions", [grid], step=trainer.global_step)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        counts = getattr(pl_module, "last_val_code_counts", None)
+        if trainer.sanity_checking or counts is None or not trainer.is_global_zero:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_usage_histogram(counts, self.out_dir / f"usage_step_{trainer.global_step:06d}.png",
+                             f"validation tokens at step {trainer.global_step}")
+
+
+def save_usage_histogram(counts: torch.Tensor, path: Path, title: str) -> None:
+    """How often each code was chosen, codes sorted from most to least used, on a log scale: a healthy
+    codebook is a long gentle slope, a collapsed one a few bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = counts.double().cpu()
+    K, used = counts.numel(), int((counts > 0).sum())
+    share = (counts / counts.sum().clamp_min(1)).sort(descending=True).values
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+    ax.bar(range(K), share.numpy(), width=1.0, color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xlim(-0.5, K - 0.5)
+    ax.set_xlabel("codes, most used first")
+    ax.set_ylabel("share of tokens")
+    ax.set_title(f"{title}: {used} of {K} codes used")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class CodebookCollapsed(TrainingError):
+    """The codebook fell below `codebook.collapse_below` with `codebook.stop_on_collapse=true`."""
+
+
+class CodebookMonitor(L.Callback):
+    """Warns once, in plain words, when the training batches of the usage window use fewer than
+    `collapse_below` of the K codes, naming what to try; stops the run there when `stop` is set."""
+
+    def __init__(self, collapse_below: float, stop: bool = False):
+        self.collapse_below = collapse_below
+        self.stop = stop
+        self.warned_at: int | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        usage = pl_module.usage
+        if self.warned_at is not None or not usage.full:
+            return
+        used, K = usage.codes_used(), usage.K
+        if used >= self.collapse_below * K:
+            return
+        self.warned_at = trainer.global_step
+        message = (f"the codebook collapsed to {used} of {K} codes at step {trainer.global_step} (perplexity "
+                   f"{usage.perplexity():.1f} over the last {usage.size} training batches): the tokens carry "
+                   f"little information; try codebook.usage_weight=1 codebook.reseed_every=100, or a lower "
+                   f"optim.lr (docs/collapse.md)")
+        if self.stop:
+            raise CodebookCollapsed(f"{message}; stopped because codebook.stop_on_collapse=true")
+        if trainer.is_global_zero:
+            print(f"dvae-train: warning: {message}.", file=sys.stderr)

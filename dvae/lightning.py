@@ -18,6 +18,7 @@ from .errors import TrainingError
 from .losses import LOSSES, logit_laplace_nll_mean, nll_to_bits_per_dim, psnr, reconstruct, reconstruction_loss
 from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE, predicts_scale
 from .schedules import Schedule
+from .usage import UsageWindow, batch_usage_deficit, choose_reseeds, copy_rows, reseed_codes
 
 SCALE_MODES = ("learned", "constant", "linear", "cosine", "exponential")
 # `val/psnr_edges` counts the pixels whose Sobel gradient magnitude (of the original's luminance,
@@ -125,6 +126,9 @@ class DVAELightning(L.LightningModule):
         adam_eps: float = 1e-8, weight_decay: float = 1e-4, ema_decay: float = 0.999,
         # robustness: stop after this many non-finite updates in a row (each one is skipped)
         max_bad_steps: int = 10,
+        # keeping the codebook in use (dvae/usage.py): the batch-usage term's weight, re-seeding dead codes
+        # every N updates (0: never), and the window of training batches both look at
+        usage_weight: float = 0.0, reseed_every: int = 0, usage_window: int = 100,
         # torch.compile: the fused loss kernel, and the training model's forward (see docs/benchmarks.md)
         compile_loss: bool = False, compile_model: bool = False,
         # channels-last (NHWC) activations and weights: oneDNN's fast convolution layout on CPUs and GPUs
@@ -157,6 +161,7 @@ class DVAELightning(L.LightningModule):
         self.val_bits_per_dim = MeanMetric()
         self.val_code_counts = CodeCounts(K)
         self.val_images = SumMetric()  # synchronised: each validation image counted once over all ranks
+        self.usage = UsageWindow(K, usage_window)
         self.bad_steps_in_a_row = 0
         self.bad_steps_total = 0
         self.first_bad_step: int | None = None
@@ -213,6 +218,14 @@ class DVAELightning(L.LightningModule):
         loss = rec + beta * kl
         logs = {"train/loss": loss, "train/nll": rec, "train/kl": kl, "train/tau": tau,
                 "train/beta": beta, "train/lr": self.optimizers().param_groups[0]["lr"]}
+        if self.hparams.usage_weight > 0:
+            # normalised like the KL: as if every latent position paid the batch's deficit
+            deficit = batch_usage_deficit(out.logits)
+            loss = loss + self.hparams.usage_weight * deficit * out.logits[0, 0].numel() / batch[0].numel()
+            logs["train/usage_deficit"] = deficit
+        self.usage.add(out.logits.detach().argmax(dim=1))
+        logs["train/codes_used"] = self.usage.codes_used() / self.hparams.K
+        logs["train/perplexity"] = self.usage.perplexity()
         if log_scale is not None:
             logs["train/scale"] = log_scale.detach().exp().mean()
         self.log_dict(logs, prog_bar=False, batch_size=batch.shape[0])
@@ -237,6 +250,9 @@ class DVAELightning(L.LightningModule):
         if not self.skip_this_update:
             self.ema.update_parameters(self.model)
             self.bad_steps_in_a_row, self.first_bad_step = 0, None
+            every = self.hparams.reseed_every
+            if every and step % every == 0 and self.usage.full:
+                self.reseed_dead_codes(step)
         else:
             self.skip_this_update = False
             self.bad_steps_total += 1
@@ -252,6 +268,33 @@ class DVAELightning(L.LightningModule):
                 f"stopped; the weights are those after update {self.first_bad_step - 1}, the last good one"
             )
 
+    def reseed_dead_codes(self, step: int) -> int:
+        """Codes that no training batch of the usage window chose copy a busy code (`reseed_codes`), in the
+        training model, its optimiser moments and the EMA alike. Every rank decides from the same counts
+        (summed over ranks) and the same generator, so the replicas stay identical. Returns how many."""
+        counts = self.usage.total.to(self.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        generator = torch.Generator().manual_seed(step)
+        dead, sources = choose_reseeds(counts.cpu(), generator)
+        if dead.numel() == 0:
+            return 0
+        dead, sources = dead.to(self.device), sources.to(self.device)
+        encoder_out, codebook = self.model.encoder.blocks.output.conv, self.model.decoder.blocks.input
+        reseed_codes(encoder_out, codebook, dead, sources, generator)
+        optimizer = self.optimizers()
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        ema = self.ema_model
+        for param, ema_param, dim in ((encoder_out.weight, ema.encoder.blocks.output.conv.weight, 0),
+                                      (encoder_out.bias, ema.encoder.blocks.output.conv.bias, 0),
+                                      (codebook.weight, ema.decoder.blocks.input.weight, 1)):
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment in optimizer.state.get(param, {}):
+                    copy_rows(optimizer.state[param][moment], dim, dead, sources)
+            with torch.no_grad():
+                ema_param.index_copy_(dim, dead, param.index_select(dim, dead))
+        return int(dead.numel())
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Everything `resume` needs beyond what Lightning saves: the RNG streams (the Gumbel noise comes
         from torch's) and the non-finite guard's counters."""
@@ -259,6 +302,7 @@ class DVAELightning(L.LightningModule):
             "torch": torch.get_rng_state(), "numpy": numpy_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
+        checkpoint["dvae_usage"] = self.usage.state_dict()
         checkpoint["dvae_guard"] = {"bad_steps_total": self.bad_steps_total,
                                     "bad_steps_in_a_row": self.bad_steps_in_a_row,
                                     "first_bad_step": self.first_bad_step}
@@ -271,6 +315,8 @@ class DVAELightning(L.LightningModule):
             random.setstate(rng["python"])
             if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+        if "dvae_usage" in checkpoint:
+            self.usage.load_state_dict(checkpoint["dvae_usage"])
         guard = checkpoint.get("dvae_guard", {})
         self.bad_steps_total = guard.get("bad_steps_total", 0)
         self.bad_steps_in_a_row = guard.get("bad_steps_in_a_row", 0)
@@ -296,6 +342,7 @@ class DVAELightning(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         counts = self.val_code_counts.compute()
+        self.last_val_code_counts = counts.detach().cpu()  # for the usage histogram (callbacks.py)
         metrics = {
             "val/psnr": self.val_psnr.compute(),
             "val/psnr_mean_color": self.val_psnr_mean_color.compute(),

@@ -106,6 +106,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"data.batch_size={batch} is the global batch and must split evenly over the {world} processes "
             f"(trainer.devices x trainer.num_nodes); use data.batch_size={max(world, round(batch / world) * world)}."
         )
+    validate_codebook(cfg)
     for key in ("checkpoint.every_n_steps", "guard.max_bad_steps"):
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -118,6 +119,25 @@ def validate_config(cfg: DictConfig) -> None:
             f"optimized_metric=bits_per_dim needs loss=logit_laplace (loss={cfg.loss} is not a density); "
             "use optimized_metric=psnr."
         )
+
+
+def validate_codebook(cfg: DictConfig) -> None:
+    """The `codebook.*` keys: the anti-collapse remedies and the usage monitor."""
+    weight = _number(cfg, "codebook.usage_weight")
+    if not 0 <= weight < float("inf"):
+        raise ConfigError(f"codebook.usage_weight={cfg.codebook.usage_weight} must be a finite number >= 0 "
+                          "(0 turns the batch-usage term off).")
+    for key, low in (("codebook.reseed_every", 0), ("codebook.window", 1)):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{key}={value!r} must be an integer >= {low}"
+                              + (" (0 turns re-seeding off)." if low == 0 else "."))
+    threshold = _number(cfg, "codebook.collapse_below")
+    if not 0 <= threshold <= 1:
+        raise ConfigError(f"codebook.collapse_below={cfg.codebook.collapse_below} must be a fraction of the "
+                          "codebook in [0, 1] (0 turns the warning off).")
+    if not isinstance(cfg.codebook.stop_on_collapse, bool):
+        raise ConfigError(f"codebook.stop_on_collapse={cfg.codebook.stop_on_collapse!r} must be true or false.")
 
 
 def world_size(cfg: DictConfig) -> int | None:
@@ -277,6 +297,8 @@ def build_module(cfg: DictConfig):
         lr_steps=cfg.optim.steps, betas=tuple(cfg.optim.betas), adam_eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay, ema_decay=cfg.ema.decay,
         max_bad_steps=cfg.guard.max_bad_steps,
+        usage_weight=cfg.codebook.usage_weight, reseed_every=cfg.codebook.reseed_every,
+        usage_window=cfg.codebook.window,
         compile_loss=bool(cfg.compile.loss), compile_model=bool(cfg.compile.model),
         channels_last=bool(cfg.channels_last),
     )
@@ -321,13 +343,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list
     )
 
 
-def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
+def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: list | None = None) -> float:
     """Train one dVAE; returns the final validation value of `cfg.optimized_metric` (default psnr),
-    what sweepers optimise (NaN where the run has no such value)."""
+    what sweepers optimise (NaN where the run has no such value). `extra_callbacks` are added to the
+    Trainer's (diagnostics such as scripts/trace_training.py)."""
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from .callbacks import ReconstructionGrid
+    from .callbacks import CodebookMonitor, ReconstructionGrid
     from .checkpointing import Interrupted, RunCheckpoints
     from .data import build_datamodule
     from .resume import checkpoint_step, resolve_resume
@@ -362,7 +385,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
                            save_top_k=1, auto_insert_metric_name=False)
     last = RunCheckpoints(run_dir / "checkpoints", every_n_steps=cfg.checkpoint.every_n_steps)
     grid = ReconstructionGrid(run_dir / "images")
-    callbacks = [best, last, grid]
+    monitor = CodebookMonitor(cfg.codebook.collapse_below, stop=bool(cfg.codebook.stop_on_collapse))
+    callbacks = [best, last, grid, monitor, *(extra_callbacks or [])]
     if cfg.progress_bar and sys.stderr.isatty():
         callbacks.append(RichProgressBar())
     trainer = build_trainer(cfg, run_dir, loggers, callbacks)

@@ -1,0 +1,100 @@
+"""Keeping the codebook in use: how many codes recent batches chose, the batch-usage term, and
+re-seeding codes nobody chooses. Plain torch; the LightningModule wires them into training.
+
+Why these exist (docs/collapse.md): the KL to the uniform prior is the information the code carries
+plus the distance of the batch's average posterior from uniform. A run that collapses reaches the
+largest KL possible with no information in the code, and stays there because a saturated softmax
+passes no gradient back, to the reconstruction or to the KL.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .codebook import perplexity
+
+
+def batch_usage_deficit(logits: Tensor) -> Tensor:
+    """ln K - H(q_bar), with q_bar = softmax(logits) averaged over the batch and the positions:
+    0 when the batch as a whole spreads over every code, ln K when it puts everything on one.
+    Its gradient moves each position's posterior towards the codes the batch uses least."""
+    K = logits.shape[1]
+    log_q = F.log_softmax(logits.float(), dim=1)
+    q_bar = log_q.exp().mean(dim=(0, 2, 3))
+    entropy = -(q_bar * q_bar.clamp_min(torch.finfo(q_bar.dtype).tiny).log()).sum()
+    return math.log(K) - entropy
+
+
+class UsageWindow:
+    """How often each code was the argmax over the last `size` training batches.
+
+    A ring of per-batch histograms and their running sum: `add` is one bincount and two additions.
+    """
+
+    def __init__(self, K: int, size: int):
+        if size < 1:
+            raise ValueError(f"the usage window must hold at least one batch, got {size}.")
+        self.K, self.size = K, size
+        self.ring = torch.zeros(size, K, dtype=torch.long)
+        self.total = torch.zeros(K, dtype=torch.long)
+        self.batches = 0
+
+    def add(self, tokens: Tensor) -> None:
+        counts = torch.bincount(tokens.flatten().cpu(), minlength=self.K)
+        slot = self.batches % self.size
+        self.total += counts - self.ring[slot]
+        self.ring[slot] = counts
+        self.batches += 1
+
+    @property
+    def full(self) -> bool:
+        return self.batches >= self.size
+
+    def codes_used(self) -> int:
+        return int((self.total > 0).sum())
+
+    def perplexity(self) -> float:
+        return float(perplexity(self.total))
+
+    def state_dict(self) -> dict:
+        return {"ring": self.ring.clone(), "total": self.total.clone(), "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["ring"].shape != self.ring.shape:  # another window size or K: start counting again
+            return
+        self.ring.copy_(state["ring"])
+        self.total.copy_(state["total"])
+        self.batches = int(state["batches"])
+
+
+def choose_reseeds(counts: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(dead codes, the busy code each one copies): every code with no use in `counts` is paired with
+    a used code drawn in proportion to its use, so the busiest codes are split first."""
+    dead = (counts == 0).nonzero().flatten()
+    if dead.numel() == 0 or counts.sum() == 0:
+        return dead[:0], dead[:0]
+    sources = torch.multinomial(counts.double(), dead.numel(), replacement=True, generator=generator)
+    return dead, sources
+
+
+@torch.no_grad()
+def reseed_codes(encoder_out: nn.Conv2d, codebook: nn.Conv2d, dead: Tensor, sources: Tensor,
+                 generator: torch.Generator, noise: float = 0.01) -> None:
+    """Give each dead code a copy of its source code: the encoder's output row (weight and bias) that
+    scores it and the code vector the decoder reads, plus noise of `noise` times the copied values'
+    spread, so that the two copies can part. Positions that chose the source now split between them."""
+    for weight, dim in ((encoder_out.weight, 0), (encoder_out.bias, 0), (codebook.weight, 1)):
+        rows = weight.index_select(dim, sources)
+        spread = rows.float().std() if rows.numel() > 1 else rows.float().abs().max()
+        jitter = torch.randn(rows.shape, generator=generator).to(rows) * (noise * spread.clamp_min(1e-8))
+        weight.index_copy_(dim, dead, rows + jitter)
+
+
+@torch.no_grad()
+def copy_rows(tensor: Tensor, dim: int, dead: Tensor, sources: Tensor) -> None:
+    """tensor[dead] = tensor[sources] along `dim`: for the optimiser's moments of re-seeded codes."""
+    tensor.index_copy_(dim, dead, tensor.index_select(dim, sources))

@@ -1,0 +1,134 @@
+"""Keeping the codebook in use: the usage window, the batch-usage term, re-seeding dead codes, the monitor."""
+
+import math
+
+import pytest
+import torch
+
+from dvae.callbacks import CodebookCollapsed, CodebookMonitor, save_usage_histogram
+from dvae.codebook import perplexity
+from dvae.lightning import DVAELightning
+from dvae.usage import UsageWindow, batch_usage_deficit, choose_reseeds, reseed_codes
+
+
+def test_usage_window_counts_only_the_last_batches():
+    window = UsageWindow(K=5, size=2)
+    window.add(torch.tensor([[0, 0], [1, 1]]))
+    window.add(torch.tensor([2, 2]))
+    assert window.full and window.codes_used() == 3
+    window.add(torch.tensor([4]))  # the first batch leaves the window
+    assert window.total.tolist() == [0, 0, 2, 0, 1]
+    assert window.codes_used() == 2
+    assert window.perplexity() == pytest.approx(float(perplexity(torch.tensor([2, 1]))))
+    restored = UsageWindow(K=5, size=2)
+    restored.load_state_dict(window.state_dict())
+    restored.add(torch.tensor([3]))
+    assert restored.total.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_batch_usage_deficit_is_zero_for_a_uniform_batch_and_log_k_for_one_code():
+    K = 8
+    uniform = torch.zeros(2, K, 3, 3)
+    assert float(batch_usage_deficit(uniform)) == pytest.approx(0.0, abs=1e-6)
+    one_code = torch.full((2, K, 3, 3), -50.0)
+    one_code[:, 3] = 50.0
+    assert float(batch_usage_deficit(one_code)) == pytest.approx(math.log(K), abs=1e-5)
+    # confident, but on different codes at different positions: the batch as a whole uses them all
+    spread = torch.full((1, K, 1, K), -50.0)
+    spread[0, torch.arange(K), 0, torch.arange(K)] = 50.0
+    assert float(batch_usage_deficit(spread)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_a_step_down_the_usage_gradient_raises_the_entropy_of_the_batch_averaged_posterior():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 16, 5, 5)
+    logits[:, 2] += 3.0  # most positions favour code 2
+    logits.requires_grad_(True)
+    deficit = batch_usage_deficit(logits)
+    deficit.backward()
+    def entropy(l):
+        q = l.softmax(dim=1).mean(dim=(0, 2, 3))
+        return float(-(q * q.log()).sum())
+    stepped = (logits - 0.5 * logits.grad / logits.grad.norm()).detach()
+    assert entropy(stepped) > entropy(logits.detach()) + 1e-3
+    # the favoured code's logits are pushed down at every position
+    assert bool((logits.grad[:, 2] > 0).all())
+
+
+def test_choose_reseeds_pairs_every_dead_code_with_a_used_one():
+    counts = torch.tensor([0, 10, 0, 0, 1])
+    dead, sources = choose_reseeds(counts, torch.Generator().manual_seed(0))
+    assert dead.tolist() == [0, 2, 3]
+    assert set(sources.tolist()) <= {1, 4}
+    assert choose_reseeds(torch.tensor([1, 2]), torch.Generator())[0].numel() == 0
+
+
+def test_reseeding_touches_only_dead_codes_and_copies_the_source():
+    torch.manual_seed(0)
+    encoder_out, codebook = torch.nn.Conv2d(6, 5, 1), torch.nn.Conv2d(5, 4, 1)
+    before = [t.detach().clone() for t in (encoder_out.weight, encoder_out.bias, codebook.weight)]
+    dead, sources = torch.tensor([0, 3]), torch.tensor([1, 1])
+    reseed_codes(encoder_out, codebook, dead, sources, torch.Generator().manual_seed(0), noise=0.01)
+    weight, bias, codes = encoder_out.weight, encoder_out.bias, codebook.weight
+    alive = [1, 2, 4]
+    assert torch.equal(weight[alive], before[0][alive]) and torch.equal(bias[alive], before[1][alive])
+    assert torch.equal(codes[:, alive], before[2][:, alive])
+    for d in (0, 3):  # a near copy of code 1, not an exact one (the copies must be able to part)
+        for new, old, dim in ((weight, before[0], 0), (codes, before[2], 1)):
+            new_row, source_row = new.select(dim, d), old.select(dim, 1)
+            assert not torch.equal(new_row, source_row)
+            assert torch.allclose(new_row, source_row, atol=0.05 * float(old.std()))
+        assert not torch.equal(new_row, before[2].select(1, d))
+
+
+def small_module(**kwargs):
+    return DVAELightning(n_hid=8, groups=2, K=16, n_init=8, **kwargs)
+
+
+def test_the_usage_term_enters_the_loss_only_when_weighted():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8)
+    plain = small_module()
+    weighted = small_module(usage_weight=2.0)
+    weighted.load_state_dict(plain.state_dict())
+    for module in (plain, weighted):
+        module.optimizers = lambda: type("O", (), {"param_groups": [{"lr": 0.0}]})()
+        module.log_dict = module.log = lambda *a, **k: None
+    torch.manual_seed(1)
+    loss_plain = plain.training_step(x, 0)
+    torch.manual_seed(1)
+    loss_weighted = weighted.training_step(x, 0)
+    logits = weighted.model.logits(x)
+    expected = 2.0 * batch_usage_deficit(logits) * logits[0, 0].numel() / x[0].numel()
+    assert float((loss_weighted - loss_plain).detach()) == pytest.approx(float(expected.detach()), rel=1e-4)
+    assert plain.usage.batches == weighted.usage.batches == 1
+
+
+class FakeTrainer:
+    global_step = 600
+    is_global_zero = True
+
+
+def test_the_monitor_warns_once_on_a_collapsed_window_and_not_on_a_healthy_one(capsys):
+    module = small_module(usage_window=2)
+    monitor = CodebookMonitor(collapse_below=0.25)
+    module.usage.add(torch.arange(16))
+    module.usage.add(torch.arange(16))
+    monitor.on_train_batch_end(FakeTrainer(), module, None, None, 0)
+    assert capsys.readouterr().err == ""
+    for _ in range(2):
+        module.usage.add(torch.tensor([3, 3, 5]))
+    monitor.on_train_batch_end(FakeTrainer(), module, None, None, 0)
+    monitor.on_train_batch_end(FakeTrainer(), module, None, None, 0)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "collapsed to 2 of 16 codes at step 600" in err and "codebook.usage_weight" in err
+    stopping = CodebookMonitor(collapse_below=0.25, stop=True)
+    with pytest.raises(CodebookCollapsed, match="stop_on_collapse"):
+        stopping.on_train_batch_end(FakeTrainer(), module, None, None, 0)
+
+
+def test_usage_histogram_is_a_png(tmp_path):
+    path = tmp_path / "usage.png"
+    save_usage_histogram(torch.tensor([5, 0, 1, 9]), path, "validation tokens")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
