@@ -17,7 +17,6 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import ConfigError
 from .common import center_crop, grow_to_fit, paper_augment, random_crop, stable_seed, to_unit_float
-from .folder import BadFiles, FolderImages, folder_index
+from .folder import BadFiles, FileCheck, FolderImages, folder_index, rgb_array
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
 
@@ -45,11 +44,15 @@ def build_celeba(root: str | None, crop_size: int, train_samples: int, seed: int
                 f"{path}/celeba/img_align_celeba/*.jpg and the annotation files (list_eval_partition.txt, ...) "
                 "as torchvision's CelebA expects them."
             ) from error
-        return [path / found.base_folder / "img_align_celeba" / name for name in found.filename]
+        files = [path / found.base_folder / "img_align_celeba" / file for file in found.filename]
+        return check.fixed_split(files, name, path)
 
+    check = FileCheck(on_bad_file, bad_files)
     options = {"bad_files": bad_files, "on_bad_file": on_bad_file}
-    return (FolderImages(split("train"), crop_size, True, seed, random_flip, train_samples, augment, **options),
-            FolderImages(split("valid"), crop_size, False, seed, random_flip, **options))
+    train, val = split("train"), split("valid")
+    check.report()
+    return (FolderImages(train, crop_size, True, seed, random_flip, train_samples, augment, **options),
+            FolderImages(val, crop_size, False, seed, random_flip, **options))
 
 
 def build_imagenet(root: str | None, crop_size: int, train_samples: int, seed: int, random_flip: bool,
@@ -66,11 +69,14 @@ def build_imagenet(root: str | None, crop_size: int, train_samples: int, seed: i
         if not files:
             raise ConfigError(f"data.root={path}: {folder} holds no images ({seen} files seen); data.root must "
                               "hold train/<wnid>/*.JPEG and val/<wnid>/*.JPEG.")
-        return files
+        return check.fixed_split(files, name, path)
 
+    check = FileCheck(on_bad_file, bad_files)
     options = {"bad_files": bad_files, "on_bad_file": on_bad_file}
-    return (FolderImages(split("train"), crop_size, True, seed, random_flip, train_samples, augment, **options),
-            FolderImages(split("val"), crop_size, False, seed, random_flip, **options))
+    train, val = split("train"), split("val")
+    check.report()
+    return (FolderImages(train, crop_size, True, seed, random_flip, train_samples, augment, **options),
+            FolderImages(val, crop_size, False, seed, random_flip, **options))
 
 
 def expand_shards(urls: str | list[str] | None, key: str) -> list[str]:
@@ -96,7 +102,7 @@ def decode_image(sample: dict) -> Tensor | None:
     for key in IMAGE_KEYS:
         if key in sample:
             with Image.open(io.BytesIO(sample[key])) as image:
-                return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+                return torch.from_numpy(rgb_array(image).copy()).permute(2, 0, 1)
     return None
 
 
