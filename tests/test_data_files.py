@@ -5,9 +5,11 @@ written here, and every file the user had is byte-for-byte unchanged afterwards.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
+import tarfile
 import threading
 import warnings
 from pathlib import Path
@@ -21,10 +23,11 @@ from torch.utils.data._utils.worker import ExceptionWrapper
 
 from dvae.data import DVAEDataModule
 from dvae.data.folder import UnreadableImage, hash_order, read_rgb, split_by_hash, walk_images
-from dvae.errors import ConfigError
+from dvae.errors import ConfigError, TrainingError
 from dvae.train import main, train
 
 from .conftest import FAST, compose_config, one_sentence_error
+from .test_data_scale import write_shards
 
 
 @pytest.fixture(autouse=True)
@@ -101,6 +104,18 @@ def test_a_folder_without_enough_readable_images_is_refused_in_one_sentence(tmp_
     assert snapshot(root) == before
 
 
+def test_an_imagenet_split_without_a_readable_image_is_refused(tmp_path):
+    root = tmp_path / "imagenet"
+    write_images(root / "train" / "n01440764", 2)
+    for path in write_images(root / "val" / "n01440764", 2):
+        damage(path)
+    before = snapshot(root)
+    with pytest.raises(ConfigError) as error:
+        DVAEDataModule("imagenet", root=str(root), crop_size=16, batch_size=2, train_samples=4)
+    check_sentence(str(error.value), "none of the 2 images of the val split", f"data.root={root}")
+    assert snapshot(root) == before
+
+
 def test_dvae_train_refuses_a_folder_of_damaged_images_with_exit_2(tmp_path, capsys, monkeypatch):
     all_damaged(tmp_path / "images")
     before = snapshot(tmp_path / "images")
@@ -160,16 +175,21 @@ def test_a_run_with_damaged_validation_images_finishes_and_lists_them(tmp_path, 
     assert snapshot(root) == before
 
 
-def test_on_bad_file_error_mid_run_is_one_sentence_naming_the_file(tmp_path):
+def test_on_bad_file_error_mid_run_is_one_sentence_naming_the_file_and_the_checkpoint(tmp_path):
     root = tmp_path / "images"
     write_images(root, 6)
-    dm = folder(root, on_bad_file="error", val_fraction=0.2)
-    late = dm.train_set.files[-1]  # not read before training: only the head of each split is
+    late = folder(root).train_set.files[-1]  # not read before training: only the head of each split is
     damage(late)
-    with pytest.raises(UnreadableImage) as error:
-        [dm.train_set[i] for i in range(dm.train_set.num_images)]
-    assert error.value.__cause__ is None and error.value.__suppress_context__  # no chained tracebacks
-    check_sentence(f"{error.value}.", str(late), "data.on_bad_file=skip")
+    before = snapshot(root)
+    cfg = compose_config([*(o for o in FAST if not o.startswith("data.val_samples")), "data=folder",
+                          f"data.root={root}", "data.crop_size=16", "data.num_workers=0", "data.on_bad_file=error"])
+    with pytest.raises(TrainingError) as error:
+        train(cfg, tmp_path / "run")
+    check_sentence(str(error.value), f"could not read image {late}", "data.on_bad_file=skip",
+                   "no checkpoint was written")
+    cause = error.value.__cause__
+    assert isinstance(cause, UnreadableImage) and cause.__cause__ is None and cause.__suppress_context__
+    assert snapshot(root) == before
 
 
 def test_an_error_from_a_loader_worker_keeps_only_its_sentence():
@@ -180,6 +200,26 @@ def test_an_error_from_a_loader_worker_keeps_only_its_sentence():
     with pytest.raises(UnreadableImage) as error:
         wrapper.reraise()  # what the main process does with a worker's exception
     assert str(error.value) == "could not read image /data/x.png (damaged); fix or remove it"
+
+
+def test_a_damaged_sample_in_a_shard_is_skipped_and_listed_or_stops_in_one_sentence(tmp_path):
+    shards = write_shards(tmp_path, shards=2, per_shard=3)
+    with tarfile.open(shards[1], "a") as tar:  # the validation shard gets a damaged image
+        info = tarfile.TarInfo("broken_0000.png")
+        info.size = len(b"not a png")
+        tar.addfile(info, io.BytesIO(b"not a png"))
+    before = snapshot(tmp_path)
+    dm = DVAEDataModule("webdataset", urls=shards, crop_size=16, batch_size=2, train_samples=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.cat(list(dm.val_dataloader())).shape == (3, 3, 16, 16)
+    assert [path for path, _ in dm.bad_files()] == [f"{shards[1]}:broken_0000"]
+    strict = DVAEDataModule("webdataset", urls=shards, crop_size=16, batch_size=2, train_samples=2,
+                            on_bad_file="error")
+    with pytest.raises(UnreadableImage) as error:
+        list(strict.val_dataloader())
+    check_sentence(f"{error.value}.", f"sample {shards[1]}:broken_0000", "data.on_bad_file=skip")
+    assert snapshot(tmp_path) == before
 
 
 # --- symlinks and non-regular files ------------------------------------------------------------------------
