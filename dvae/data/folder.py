@@ -7,7 +7,7 @@ validation. Symlinked folders are followed (each folder is read once, so a link 
 not regular files (FIFOs, devices, broken links) are never opened.
 
 The file list is cached (see `folder_index`), so a folder of millions of files is not walked at every
-start. Before training, each split is read until its first readable image (`check_splits`), so a split
+start. Before training, each split is read until its first readable image (`FileCheck`), so a split
 without one fails now instead of mid-run. A file that cannot be read is skipped with one warning naming it
 and another image is served in its place (`data.on_bad_file=skip`, the default), or stops the run (`error`):
 before training with a ConfigError, mid-run with an `UnreadableImage` (a TrainingError).
@@ -53,15 +53,15 @@ def walk_images(root: Path) -> tuple[list[Path], int]:
         folder = pending.pop() if pending else linked.pop()
         try:
             info = folder.stat()
+            if (info.st_dev, info.st_ino) in walked:
+                warnings.warn(f"{folder} leads to {walked[info.st_dev, info.st_ino]}, which is already listed; "
+                              "it is not read twice", stacklevel=2)
+                continue
+            walked[info.st_dev, info.st_ino] = folder
             entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
         except OSError as error:
             warnings.warn(f"could not list {folder} ({error.strerror or error}); it is skipped", stacklevel=2)
             continue
-        if (info.st_dev, info.st_ino) in walked:
-            warnings.warn(f"{folder} leads to {walked[info.st_dev, info.st_ino]}, which is already listed; "
-                          "it is not read twice", stacklevel=2)
-            continue
-        walked[info.st_dev, info.st_ino] = folder
         subfolders, links = [], []
         for entry in entries:
             hidden = entry.name.startswith(".")
