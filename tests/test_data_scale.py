@@ -4,7 +4,6 @@ files, tar shards, ImageNet / CelebA layouts and the paper's augmentation. Every
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 import warnings
 from pathlib import Path
@@ -20,9 +19,7 @@ from dvae.data import DVAEDataModule
 from dvae.data.common import EpochSampler, item_rng, paper_augment
 from dvae.data.large import ShardStream
 from dvae.errors import ConfigError
-from dvae.train import train
 
-from .conftest import FAST, compose_config
 from .test_data import no_md5_check, write_cifar10  # noqa: F401  (a fixture)
 
 
@@ -313,18 +310,3 @@ def test_paper_augmentation_resizes_then_crops():
         assert 3 * 48 / 24 - 0.5 <= step <= 3 * 48 / 18 + 0.5
     again = [paper_augment(image, 16, item_rng("a", 1), True) for _ in range(2)]
     assert torch.equal(*again)
-
-
-def test_a_run_reports_the_files_it_skipped(tmp_path, capsys):
-    bad_folder(tmp_path / "images")
-    cfg = compose_config([*(o for o in FAST if not o.startswith("data.val_samples")), "data=folder",
-                          f"data.root={tmp_path / 'images'}", "data.crop_size=16", "data.num_workers=0",
-                          "data.val_fraction=0.3"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train(cfg, tmp_path / "run")
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    listed = (tmp_path / "run" / "bad_files.txt").read_text()
-    assert metrics["bad_files"] == len(listed.splitlines()) >= 1
-    assert all(name in BAD for name in (Path(line.split("\t")[0]).name for line in listed.splitlines()))
-    assert "unreadable file(s) were skipped" in capsys.readouterr().err

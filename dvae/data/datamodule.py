@@ -137,7 +137,8 @@ class DVAEDataModule(L.LightningDataModule):
                                   rescan=self.rescan, **files)
         if self.source == "webdataset":
             return build_webdataset(self.urls, self.val_urls, self.crop_size, self.train_samples, self.seed,
-                                    self.random_flip, self.augment, self.shuffle_buffer)
+                                    self.random_flip, self.augment, self.shuffle_buffer, self.on_bad_file,
+                                    self.bad_file_log)
         build = build_mnist if self.source == "mnist" else build_cifar10
         return build(self.root, self.crop_size, self.train_samples, self.seed, self.random_flip,
                      self.download, **({"augment": self.augment} if self.source == "cifar10" else {}))

@@ -1,47 +1,98 @@
 """Any directory tree of image files (`data.root=PATH`), searched recursively.
 
 Images are read from disk on every access (a folder may not fit in memory), converted to RGB (grey,
-palette, RGBA and 16-bit images included), upscaled with a warning if smaller than the crop, then cropped:
-random crop + flip (or `data.augment=paper`) for training, center crop for validation.
+palette, RGBA, 16-bit, 32-bit and float images included, see `rgb_array`), upscaled with a warning if smaller
+than the crop, then cropped: random crop + flip (or `data.augment=paper`) for training, center crop for
+validation. Symlinked folders are followed (each folder is read once, so a link loop ends); entries that are
+not regular files (FIFOs, devices, broken links) are never opened.
 
 The file list is cached (see `folder_index`), so a folder of millions of files is not walked at every
-start. A file that cannot be read is skipped with one warning naming it and another image is served in
-its place (`data.on_bad_file=skip`, the default), or stops the run (`error`).
+start. Before training, each split is read until its first readable image (`FileCheck`), so a split
+without one fails now instead of mid-run. A file that cannot be read is skipped with one warning naming it
+and another image is served in its place (`data.on_bad_file=skip`, the default), or stops the run (`error`):
+before training with a ConfigError, mid-run with an `UnreadableImage` (a TrainingError).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from .common import CroppedImages
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-INDEX_HEADER = "# dvae folder index v1"
+# v2: symlinked folders are listed and non-regular files are not (a v1 index is rebuilt)
+INDEX_HEADER = "# dvae folder index v2"
 
 
 def walk_images(root: Path) -> tuple[list[Path], int]:
     """Image files under `root`, sorted so the order is the same on every machine, and the count of all files.
 
     Hidden files and folders are skipped (e.g. macOS "._photo.jpg" resource forks are not images).
+    Symlinked folders are followed; a folder reached a second time (a link loop, or two links to one
+    folder) is not read again, with a warning. Image names that are not regular files (a FIFO would block
+    the reader forever, a broken link cannot be read) are left out, with one warning.
     """
-    images, seen = [], 0
-    for folder, subfolders, names in os.walk(root):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        seen += len(names)
-        images += [Path(folder) / name for name in names
-                   if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    images, seen, odd = [], 0, []
+    walked: dict[tuple[int, int], Path] = {}
+    # Linked folders wait until every real one is walked, so a folder is listed under its real path.
+    pending, linked = [root], []
+    while pending or linked:
+        folder = pending.pop() if pending else linked.pop()
+        try:
+            info = folder.stat()
+            if (info.st_dev, info.st_ino) in walked:
+                warnings.warn(f"{folder} leads to {walked[info.st_dev, info.st_ino]}, which is already listed; "
+                              "it is not read twice", stacklevel=2)
+                continue
+            walked[info.st_dev, info.st_ino] = folder
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as error:
+            warnings.warn(f"could not list {folder} ({error.strerror or error}); it is skipped", stacklevel=2)
+            continue
+        subfolders, links = [], []
+        for entry in entries:
+            hidden = entry.name.startswith(".")
+            if _is_dir(entry):
+                if not hidden:
+                    (links if entry.is_symlink() else subfolders).append(Path(entry.path))
+                continue
+            seen += 1
+            if hidden or Path(entry.name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            (images if _is_file(entry) else odd).append(Path(entry.path))
+        pending += reversed(subfolders)  # depth first, in name order
+        linked += reversed(links)
+    if odd:
+        warnings.warn(f"{len(odd)} image name(s) under {root} are not regular files (a FIFO, device, socket or "
+                      f"broken link) and are skipped, e.g. {odd[0]}", stacklevel=2)
     return sorted(images), seen
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks
+    except OSError:
+        return False
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()  # a regular file, or a link to one
+    except OSError:
+        return False
 
 
 def default_index_path(root: Path) -> Path:
@@ -101,33 +152,171 @@ class BadFiles:
         return sorted(tuple(line.split("\t", 1)) for line in lines)
 
 
+def hash_order(files: list[Path], root: Path) -> list[Path]:
+    """`files` ordered by a hash of their path relative to `root`: the order in which they go to validation."""
+    return sorted(files, key=lambda path: hashlib.sha1(path.relative_to(root).as_posix().encode()).hexdigest())
+
+
 def split_by_hash(files: list[Path], root: Path, val_fraction: float) -> tuple[list[Path], list[Path]]:
     """(train, val): the files whose relative path hashes lowest go to validation (at least one, and at
     least one file is left for training).
 
     Hashing the path instead of shuffling keeps an image on the same side when files are added or removed.
     """
-
-    def key(path: Path) -> str:
-        return hashlib.sha1(path.relative_to(root).as_posix().encode()).hexdigest()
-
-    ranked = sorted(files, key=key)
     num_val = min(len(files) - 1, max(1, round(val_fraction * len(files))))
-    val = set(ranked[:num_val])
+    val = set(hash_order(files, root)[:num_val])
     return [f for f in files if f not in val], [f for f in files if f in val]
 
 
 def read_rgb(path: Path) -> Tensor:
-    """uint8 [3, H, W]; EXIF rotation applied, grey repeated, alpha dropped, 16-bit reduced to 8-bit."""
+    """uint8 [3, H, W]; EXIF rotation applied, see `rgb_array` for the conversion. Raises OSError naming the
+    file for anything that cannot be read, whatever the decoder raised."""
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            if image.mode.startswith("I;16"):  # convert("RGB") would clip 16-bit values instead of scaling
-                image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
-            array = np.asarray(image.convert("RGB"))
-    except OSError as error:
-        raise OSError(f"could not read image {path}: {error}") from error
+        with open_regular(path) as file:
+            try:
+                with Image.open(file) as image:
+                    array = rgb_array(ImageOps.exif_transpose(image))
+            except UnidentifiedImageError:
+                if path.suffix.lower() not in (".tif", ".tiff"):  # Pillow's message names a file object
+                    raise OSError("not an image format Pillow can read, or damaged") from None
+                file.seek(0)
+                array = read_tiff(file)  # e.g. a float RGB TIFF, which Pillow does not read
+    except Exception as error:  # a decoder fails in many ways on a damaged file; none of them is a bug here
+        raise OSError(f"could not read image {path}: {one_line(error)}") from error
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def open_regular(path: Path):
+    """`path` opened for binary reading, refused unless it is a regular file: opening a FIFO for reading
+    would wait for a writer forever (O_NONBLOCK makes the open return at once)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def read_tiff(file) -> np.ndarray:
+    """The first page of a TIFF as uint8 [H, W, 3], read with tifffile (installed with scikit-image)."""
+    import tifffile
+
+    with tifffile.TiffFile(io.BytesIO(file.read())) as tiff:  # tifffile needs a named file or a buffer
+        page = tiff.pages[0]
+        array = page.asarray()
+        if page.axes.startswith("S"):  # planar storage: samples first
+            array = np.moveaxis(array, 0, -1)
+    return to_rgb(to_uint8(array))
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3]: grey repeated, palettes expanded, alpha dropped. Pillow's convert("RGB") clips
+    16-bit, 32-bit and float pixels to 0..255 (a float image in [0, 1] would come out black), so those
+    modes ("I;16*", "I", "F") are scaled by their value range instead (`to_uint8`)."""
+    if image.mode == "F" or image.mode.startswith("I"):
+        return to_rgb(to_uint8(np.asarray(image)))
+    return np.asarray(image.convert("RGB"))
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """Pixels scaled from the range of their type to 0..255: floats are taken to be in [0, 1] (as in
+    scikit-image; outside values are clipped, NaN is 0), unsigned and signed integers span 0..max of their
+    type. A 32-bit integer image whose values all fit in 16 bits is taken as 16-bit: that is how Pillow
+    holds 16-bit pixels in mode "I"."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind == "b":
+        return array.astype(np.uint8) * 255
+    if array.dtype.kind == "f":
+        unit = np.nan_to_num(array.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1)
+    elif array.dtype.kind in "iu":
+        top = np.iinfo(array.dtype).max
+        if array.dtype.itemsize > 2 and array.max(initial=0) <= 65535:
+            top = 65535
+        unit = array.clip(0, None) / top
+    else:
+        raise ValueError(f"pixels of type {array.dtype} are not supported")
+    return np.rint(unit * 255).astype(np.uint8)
+
+
+def to_rgb(array: np.ndarray) -> np.ndarray:
+    """[H, W] or [H, W, C] -> [H, W, 3]: grey (with or without alpha) repeated, alpha dropped."""
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"an image of shape {list(array.shape)} is neither grey nor RGB")
+    if array.shape[-1] <= 2:
+        return np.repeat(array[..., :1], 3, axis=-1)
+    return array[..., :3]
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+class UnreadableImage(TrainingError):
+    """An image that could not be read during training: `data.on_bad_file=error`, or no image of a split
+    readable any more. A DataLoader worker's error reaches the main process rebuilt from its whole
+    traceback text (torch's ExceptionWrapper); only the sentence itself, the text's last line, is kept."""
+
+    def __init__(self, message: str) -> None:
+        if "\nOriginal Traceback" in message:
+            message = message.rstrip().rpartition("\n")[2].partition(": ")[2]
+        super().__init__(message)
+
+
+class FileCheck:
+    """Reads files before training, each at most once, until each split has a readable image (a split
+    without one would otherwise fail mid-run, or after training at the final validation). Unreadable
+    files found on the way are dropped from the splits and reported like any skipped file, or, with
+    `data.on_bad_file=error`, stop now with a ConfigError naming the file."""
+
+    def __init__(self, on_bad_file: str, bad_files: BadFiles | None) -> None:
+        self.on_bad_file = on_bad_file
+        self.bad_files = bad_files
+        self.reasons: dict[Path, str | None] = {}
+
+    def reason(self, path: Path) -> str | None:
+        """Why `path` cannot be read, or None if it can."""
+        if path not in self.reasons:
+            try:
+                read_rgb(path)
+                self.reasons[path] = None
+            except OSError as error:
+                self.reasons[path] = reason = one_line(error.__cause__ or error)
+                if self.on_bad_file == "error":
+                    raise ConfigError(f"data.on_bad_file=error: could not read image {path} ({reason}); fix or "
+                                      "remove it, or set data.on_bad_file=skip to skip such files.") from None
+        return self.reasons[path]
+
+    def unreadable_head(self, split: list[Path]) -> list[Path]:
+        """The files of `split` found unreadable before its first readable one (all of them if none is)."""
+        unreadable = []
+        for path in split:
+            if self.reason(path) is None:
+                break
+            unreadable.append(path)
+        return unreadable
+
+    def unreadable(self) -> list[Path]:
+        return [path for path, reason in self.reasons.items() if reason is not None]
+
+    def report(self) -> None:
+        """Warn about and list the unreadable files, once the data set is usable (a refused one gets only
+        the one-sentence error)."""
+        for path in self.unreadable():
+            if self.bad_files is not None:
+                self.bad_files.record(path, self.reasons[path])
+
+    def fixed_split(self, files: list[Path], name: str, root: Path) -> list[Path]:
+        """`files` (a split given by the data set's layout) without the unreadable files at its head."""
+        unreadable = set(self.unreadable_head(files))
+        if len(unreadable) == len(files):
+            first = files[0]
+            raise ConfigError(
+                f"none of the {len(files)} images of the {name} split under data.root={root} could be read (e.g. "
+                f"{first}: {self.reasons[first]}); replace the damaged files or set data.root to another copy."
+            )
+        return [path for path in files if path not in unreadable]
 
 
 class FolderImages(CroppedImages):
@@ -148,11 +337,13 @@ class FolderImages(CroppedImages):
             candidate = (index + offset) % len(self.files)
             try:
                 image = read_rgb(self.files[candidate])
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-                reason = str(error.__cause__ or error)
+            except OSError as error:
+                reason = one_line(error.__cause__ or error)
+                if isinstance(error.__cause__, FileNotFoundError):
+                    reason = "it no longer exists; if it was removed, run once with data.rescan=true"
                 if self.on_bad_file == "error":
-                    raise RuntimeError(f"could not read image {self.files[candidate]} ({reason}); fix or remove "
-                                       "it, or set data.on_bad_file=skip to skip such files.") from error
+                    raise UnreadableImage(f"could not read image {self.files[candidate]} ({reason}); fix or remove "
+                                          "it, or set data.on_bad_file=skip to skip such files") from None
                 if self.bad_files is not None:
                     self.bad_files.record(self.files[candidate], reason)
                 continue
@@ -161,7 +352,8 @@ class FolderImages(CroppedImages):
                 warnings.warn(f"{self.files[candidate]} is {image.shape[2]}x{image.shape[1]}, smaller than "
                               f"data.crop_size={self.crop_size}; it is resized up", stacklevel=2)
             return image
-        raise RuntimeError(f"none of the {len(self.files)} images could be read; see the warnings above.")
+        raise UnreadableImage(f"none of the {len(self.files)} {'training' if self.train else 'validation'} images "
+                              f"can be read any more (the first is {self.files[0]}); check data.root")
 
 
 def build_folder(root: str | None, crop_size: int, train_samples: int, val_fraction: float, seed: int,
@@ -187,7 +379,24 @@ def build_folder(root: str | None, crop_size: int, train_samples: int, val_fract
             f"data.root={root} contains only 1 image file but at least 2 are needed (one is held out for "
             f"validation); add images to data.root."
         )
-    train, val = split_by_hash(files, path, val_fraction)
+    check = FileCheck(on_bad_file, bad_files)
+    while True:  # each pass drops what it found unreadable, until both splits start with a readable image
+        usable = [f for f in files if check.reasons.get(f) is None]
+        if len(usable) < 2:
+            break
+        train, val = split_by_hash(usable, path, val_fraction)
+        if not check.unreadable_head(val) and not check.unreadable_head(train):
+            break
+    if len(usable) < 2:
+        first = check.unreadable()[0]
+        found = ("only 1 of the {} image files under data.root={} could be read, but at least 2 are needed (one is "
+                 "held out for validation)" if any(check.reason(f) is None for f in usable)
+                 else "none of the {} image files under data.root={} could be read")
+        raise ConfigError(
+            f"{found.format(len(files), root)} (e.g. {first}: {check.reasons[first]}); replace the damaged files "
+            "or set data.root to a folder of readable images."
+        )
+    check.report()
     options = {"bad_files": bad_files, "on_bad_file": on_bad_file}
     return (FolderImages(train, crop_size, True, seed, random_flip, min_length=train_samples, augment=augment,
                          **options),

@@ -17,7 +17,6 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import ConfigError
 from .common import center_crop, grow_to_fit, paper_augment, random_crop, stable_seed, to_unit_float
-from .folder import BadFiles, FolderImages, folder_index
+from .folder import BadFiles, FileCheck, FolderImages, UnreadableImage, folder_index, one_line, rgb_array
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
 
@@ -45,11 +44,15 @@ def build_celeba(root: str | None, crop_size: int, train_samples: int, seed: int
                 f"{path}/celeba/img_align_celeba/*.jpg and the annotation files (list_eval_partition.txt, ...) "
                 "as torchvision's CelebA expects them."
             ) from error
-        return [path / found.base_folder / "img_align_celeba" / name for name in found.filename]
+        files = [path / found.base_folder / "img_align_celeba" / file for file in found.filename]
+        return check.fixed_split(files, name, path)
 
+    check = FileCheck(on_bad_file, bad_files)
     options = {"bad_files": bad_files, "on_bad_file": on_bad_file}
-    return (FolderImages(split("train"), crop_size, True, seed, random_flip, train_samples, augment, **options),
-            FolderImages(split("valid"), crop_size, False, seed, random_flip, **options))
+    train, val = split("train"), split("valid")
+    check.report()
+    return (FolderImages(train, crop_size, True, seed, random_flip, train_samples, augment, **options),
+            FolderImages(val, crop_size, False, seed, random_flip, **options))
 
 
 def build_imagenet(root: str | None, crop_size: int, train_samples: int, seed: int, random_flip: bool,
@@ -66,11 +69,14 @@ def build_imagenet(root: str | None, crop_size: int, train_samples: int, seed: i
         if not files:
             raise ConfigError(f"data.root={path}: {folder} holds no images ({seen} files seen); data.root must "
                               "hold train/<wnid>/*.JPEG and val/<wnid>/*.JPEG.")
-        return files
+        return check.fixed_split(files, name, path)
 
+    check = FileCheck(on_bad_file, bad_files)
     options = {"bad_files": bad_files, "on_bad_file": on_bad_file}
-    return (FolderImages(split("train"), crop_size, True, seed, random_flip, train_samples, augment, **options),
-            FolderImages(split("val"), crop_size, False, seed, random_flip, **options))
+    train, val = split("train"), split("val")
+    check.report()
+    return (FolderImages(train, crop_size, True, seed, random_flip, train_samples, augment, **options),
+            FolderImages(val, crop_size, False, seed, random_flip, **options))
 
 
 def expand_shards(urls: str | list[str] | None, key: str) -> list[str]:
@@ -92,11 +98,15 @@ def expand_shards(urls: str | list[str] | None, key: str) -> list[str]:
 
 
 def decode_image(sample: dict) -> Tensor | None:
-    """uint8 [3, H, W] from the first image entry of a webdataset sample, None when it has none."""
+    """uint8 [3, H, W] from the first image entry of a webdataset sample, None when it has none; OSError
+    when it cannot be decoded."""
     for key in IMAGE_KEYS:
         if key in sample:
-            with Image.open(io.BytesIO(sample[key])) as image:
-                return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+            try:
+                with Image.open(io.BytesIO(sample[key])) as image:
+                    return torch.from_numpy(rgb_array(image).copy()).permute(2, 0, 1)
+            except Exception as error:  # a decoder fails in many ways on damaged bytes
+                raise OSError(one_line(error)) from error
     return None
 
 
@@ -112,7 +122,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: list[str], crop_size: int, train: bool, seed: int, random_flip: bool,
                  augment: str, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
-                 samples_per_epoch: int | None = None) -> None:
+                 samples_per_epoch: int | None = None, on_bad_file: str = "skip",
+                 bad_files: BadFiles | None = None) -> None:
         self.shards = shards
         self.crop_size = crop_size
         self.train = train
@@ -125,6 +136,8 @@ class ShardStream(IterableDataset):
         self.samples_per_epoch = samples_per_epoch
         self.epoch = 0
         self.channels = 3
+        self.on_bad_file = on_bad_file
+        self.bad_files = bad_files
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -171,7 +184,16 @@ class ShardStream(IterableDataset):
         while True:
             yielded_this_pass = 0
             for sample in self.samples(epoch):
-                image = decode_image(sample)
+                try:
+                    image = decode_image(sample)
+                except OSError as error:  # like a bad file of data=folder: skipped and listed, or the run stops
+                    where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+                    if self.on_bad_file == "error":
+                        raise UnreadableImage(f"could not read the image of sample {where} ({error}); fix the shard, "
+                                              "or set data.on_bad_file=skip to skip such samples") from None
+                    if self.bad_files is not None:
+                        self.bad_files.record(where, str(error))
+                    continue
                 if image is None:
                     continue
                 yield self.crop(image, f"{epoch}:{sample.get('__url__')}:{sample.get('__key__')}")
@@ -205,8 +227,9 @@ class StreamLoader(DataLoader):
         self.epoch = state["epoch"]
 
 
-def build_webdataset(urls, val_urls, crop_size: int, train_samples: int, seed: int,
-                     random_flip: bool, augment: str, shuffle_buffer: int) -> tuple[ShardStream, ShardStream]:
+def build_webdataset(urls, val_urls, crop_size: int, train_samples: int, seed: int, random_flip: bool,
+                     augment: str, shuffle_buffer: int, on_bad_file: str = "skip",
+                     bad_files: BadFiles | None = None) -> tuple[ShardStream, ShardStream]:
     """Streams for training and validation; the rank split is applied by the data module."""
     train = expand_shards(urls, "data.urls")
     val = expand_shards(val_urls, "data.val_urls") if val_urls else train[-1:]
@@ -215,6 +238,7 @@ def build_webdataset(urls, val_urls, crop_size: int, train_samples: int, seed: i
                           "(data.val_urls=...) or more training shards (the last one is then held out).")
     if not val_urls:
         train = train[:-1]
+    options = {"on_bad_file": on_bad_file, "bad_files": bad_files}
     return (ShardStream(train, crop_size, True, seed, random_flip, augment, shuffle_buffer=shuffle_buffer,
-                        samples_per_epoch=train_samples),
-            ShardStream(val, crop_size, False, seed, False, "crop"))
+                        samples_per_epoch=train_samples, **options),
+            ShardStream(val, crop_size, False, seed, False, "crop", **options))
