@@ -169,6 +169,11 @@ def read_config(path: str | Path) -> dict[str, Any]:
         )
     if config.get("tensor_format") not in FORMATS or not isinstance(config.get("files"), dict):
         raise ConfigError(f"{file} names no tensor format or files; export the model again.")
+    for role, name in config["files"].items():
+        # A bare name: '../x' or an absolute path would make dvae read (or hash) a file outside the export.
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise ConfigError(f"{file} gives the {role} file as {name!r}, which is not a file name inside {path}; "
+                              f"dvae reads only files in the export directory: export the model again.")
     if not isinstance(config.get("model"), dict):
         raise ConfigError(f"{file} has no 'model' section (the architecture); export the model again.")
     for key in ("K", "channels", "downsampling"):
