@@ -15,6 +15,7 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -22,9 +23,13 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..files import not_a_regular_file
 from .common import CroppedImages
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# What Pillow may open, whatever a file is named (it goes by the content): the formats of the extensions above,
+# tar shards' .ppm, and MPO (a JPEG with extra frames, as cameras write). Others stay shut: EPS runs Ghostscript.
+IMAGE_FORMATS = ("BMP", "GIF", "JPEG", "MPO", "PNG", "PPM", "TIFF", "WEBP")
 
 
 INDEX_HEADER = "# dvae folder index v1"
@@ -117,10 +122,19 @@ def split_by_hash(files: list[Path], root: Path, val_fraction: float) -> tuple[l
     return [f for f in files if f not in val], [f for f in files if f in val]
 
 
+def open_image(file: Path | IO[bytes]) -> Image.Image:
+    """`Image.open` limited to IMAGE_FORMATS."""
+    Image.init()
+    return Image.open(file, formats=[name for name in IMAGE_FORMATS if name in Image.OPEN])
+
+
 def read_rgb(path: Path) -> Tensor:
     """uint8 [3, H, W]; EXIF rotation applied, grey repeated, alpha dropped, 16-bit reduced to 8-bit."""
     try:
-        with Image.open(path) as image:
+        kind = not_a_regular_file(path)
+        if kind:  # not opened: a FIFO would wait for a writer forever
+            raise OSError(f"it is {kind}, not an image file")
+        with open_image(path) as image:
             image = ImageOps.exif_transpose(image)
             if image.mode.startswith("I;16"):  # convert("RGB") would clip 16-bit values instead of scaling
                 image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import ConfigError
 from .common import center_crop, grow_to_fit, paper_augment, random_crop, stable_seed, to_unit_float
-from .folder import BadFiles, FolderImages, folder_index
+from .folder import BadFiles, FolderImages, folder_index, open_image
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
 
@@ -95,7 +94,7 @@ def decode_image(sample: dict) -> Tensor | None:
     """uint8 [3, H, W] from the first image entry of a webdataset sample, None when it has none."""
     for key in IMAGE_KEYS:
         if key in sample:
-            with Image.open(io.BytesIO(sample[key])) as image:
+            with open_image(io.BytesIO(sample[key])) as image:
                 return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
     return None
 
