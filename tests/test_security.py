@@ -128,7 +128,7 @@ def encode(capsys, model_dir: Path, data: Path, out: Path) -> tuple[int, str]:
 
     code = encode_main(["--model", str(model_dir), "--data", str(data), "--out", str(out), "--size", "8",
                         "--no-progress", "--device", "cpu"])
-    return code, one_sentence_error(capsys, "dvae-encode") if code else ""
+    return code, one_sentence_error(capsys, "dvae-encode") if code else capsys.readouterr().err
 
 
 @pytest.mark.parametrize("how", WRITERS)
@@ -168,6 +168,24 @@ def test_an_untouched_export_still_encodes(tmp_path, image_folder, capsys):
     tiny_model().save_pretrained(export, format="pt")
     assert encode(capsys, export, image_folder, tmp_path / "tokens")[0] == 0
     assert (tmp_path / "tokens" / "shard_00000.npy").is_file()
+
+
+@pytest.mark.parametrize("where", ["file", "shard"])
+def test_decode_refuses_a_token_file_of_pickled_objects(tmp_path, image_folder, marker, capsys, where):
+    from dvae.tokens import decode_main
+
+    export = tmp_path / "export"
+    tiny_model().save_pretrained(export)
+    payload = np.array([Payload(marker)], dtype=object)
+    if where == "file":
+        tokens = tmp_path / "tokens.npy"
+    else:  # a real token directory whose first shard is replaced
+        assert encode(capsys, export, image_folder, tmp_path / "tokens")[0] == 0
+        tokens = tmp_path / "tokens"
+    np.save(tokens / "shard_00000.npy" if where == "shard" else tokens, payload, allow_pickle=True)
+    assert decode_main(["--model", str(export), "--tokens", str(tokens), "--out", str(tmp_path / "decoded"),
+                        "--no-progress", "--device", "cpu"]) == 2
+    assert re.search(r"allow_pickle=False|Python objects", one_sentence_error(capsys, "dvae-decode"))
 
 
 # --------------------------------------------------------------------------------------------- dvae-import-openai
