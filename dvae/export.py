@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .files import load_weights
 from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE, predicts_scale
 from .pretrained import FORMATS, check_out_dir, file_sha256, save_pretrained
 
@@ -47,7 +48,9 @@ def resolve_checkpoint(source: str | Path, which: str = "best") -> Path:
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_weights(path)
+    except ConfigError:
+        raise
     except Exception as error:  # noqa: BLE001 - torch raises many kinds on a damaged or foreign file
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(

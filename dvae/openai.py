@@ -13,6 +13,7 @@ from __future__ import annotations
 import pickle
 import re
 import types
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
         )
 
 
-restricted_pickle = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, load=pickle.load,
+def _restricted_load(file: Any, **kwargs: Any) -> Any:
+    return _RestrictedUnpickler(file, **kwargs).load()
+
+
+# What torch.load calls: the legacy (pre-zip) format reads its header records with `load` and the zip
+# format only uses `Unpickler`, so both must be the restricted one or a plain pickle runs before any check.
+restricted_pickle = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, load=_restricted_load,
                                           __name__="dvae.openai.restricted_pickle")
 
 
@@ -86,7 +93,9 @@ def read_official(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass the path of encoder.pkl or decoder.pkl.")
     try:
-        obj = torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
+        with warnings.catch_warnings():  # the legacy format checks module source code, which stand-ins lack
+            warnings.filterwarnings("ignore", message="Couldn't retrieve source code for container")
+            obj = torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
     except pickle.UnpicklingError as error:
         raise ValueError(f"{path}: {error}") from None
     except Exception as error:  # a truncated or foreign file

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +23,7 @@ from torch import Tensor
 
 from . import __version__
 from .errors import ConfigError
+from .files import atomic_write, load_weights
 from .model import DVAE
 
 FORMAT_NAME = "dvae"
@@ -59,23 +57,6 @@ def architecture(model: DVAE) -> dict[str, Any]:
         "eps": float(model.eps),
         "hard": bool(model.quantizer.hard),
     }
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write through a temporary file in the same directory, then rename: a reader never sees half a
-    file, and an interrupted write leaves the old file (or none) in place."""
-    path = Path(path)
-    # Not tempfile.mkstemp: its files are private (0600); these get the usual permissions (umask).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -188,6 +169,11 @@ def read_config(path: str | Path) -> dict[str, Any]:
         )
     if config.get("tensor_format") not in FORMATS or not isinstance(config.get("files"), dict):
         raise ConfigError(f"{file} names no tensor format or files; export the model again.")
+    for role, name in config["files"].items():
+        # A bare name: '../x' or an absolute path would make dvae read (or hash) a file outside the export.
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise ConfigError(f"{file} gives the {role} file as {name!r}, which is not a file name inside {path}; "
+                              f"dvae reads only files in the export directory: export the model again.")
     if not isinstance(config.get("model"), dict):
         raise ConfigError(f"{file} has no 'model' section (the architecture); export the model again.")
     for key in ("K", "channels", "downsampling"):
@@ -209,7 +195,7 @@ def _read_tensors(path: Path, fmt: str) -> dict[str, Tensor]:
 
             return dict(load(path.read_bytes()))
         if fmt == "pt":
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = load_weights(path)
             if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
                 raise ValueError("it does not hold a dict of tensors")
             return data

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .files import atomic_write
 
 # metrics.json key -> column title, number format
 COLUMNS = {
@@ -252,7 +253,7 @@ def plot(path: Path, jobs: list[Job], title: str = "") -> None:
     seeds = "; points: seeds, lines: their mean" if "seed" in keys else ""
     fig.suptitle(f"{title}: {len(finished)} finished job(s){seeds}", fontsize="small")
     fig.tight_layout(rect=(0, 0.06 if labels else 0, 1, 1))
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -261,7 +262,8 @@ def write_report(directory: str | Path, make_plot: bool = True) -> str:
     directory = Path(directory)
     jobs = find_jobs(directory)
     text = render(directory, jobs)
-    (directory / "report.md").write_text(text)
+    # Replaced, never written through: a symlink planted as report.md (to ~/.bashrc, say) becomes our file.
+    atomic_write(directory / "report.md", lambda f: f.write(text.encode()))
     if make_plot:
         plot(directory / "report.png", jobs, title=str(directory))
     return text

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpointing import LAST
 from .errors import ConfigError
+from .files import load_weights
 
 GROUPS = ("data", "model", "scale", "strategy", "logger", "experiment", "hparams_search")
 
@@ -59,5 +59,5 @@ def resolve_resume(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tupl
 
 def checkpoint_step(path: Path) -> int:
     """The global step stored in a Lightning checkpoint, read without loading its tensors."""
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    checkpoint = load_weights(path, mmap=True)
     return int(checkpoint["global_step"])

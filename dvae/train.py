@@ -397,7 +397,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     # switched back off when training ends (callers in the same process get the IEEE default again).
     torch.set_flush_denormal(True)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         wall = time.perf_counter() - start
         final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         status = "success"

@@ -21,6 +21,7 @@ import os
 import stat
 import warnings
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from ..errors import ConfigError, TrainingError
 from .common import CroppedImages
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# What Pillow may open, whatever a file is named (it goes by the content): the formats of the extensions above,
+# tar shards' .ppm, and MPO (a JPEG with extra frames, as cameras write). Others stay shut: EPS runs Ghostscript.
+IMAGE_FORMATS = ("BMP", "GIF", "JPEG", "MPO", "PNG", "PPM", "TIFF", "WEBP")
 
 
 # v2: symlinked folders are listed and non-regular files are not (a v1 index is rebuilt)
@@ -168,13 +172,19 @@ def split_by_hash(files: list[Path], root: Path, val_fraction: float) -> tuple[l
     return [f for f in files if f not in val], [f for f in files if f in val]
 
 
+def open_image(file: Path | IO[bytes]) -> Image.Image:
+    """`Image.open` limited to IMAGE_FORMATS."""
+    Image.init()
+    return Image.open(file, formats=[name for name in IMAGE_FORMATS if name in Image.OPEN])
+
+
 def read_rgb(path: Path) -> Tensor:
     """uint8 [3, H, W]; EXIF rotation applied, see `rgb_array` for the conversion. Raises OSError naming the
     file for anything that cannot be read, whatever the decoder raised."""
     try:
         with open_regular(path) as file:
             try:
-                with Image.open(file) as image:
+                with open_image(file) as image:
                     array = rgb_array(ImageOps.exif_transpose(image))
             except UnidentifiedImageError:
                 if path.suffix.lower() not in (".tif", ".tiff"):  # Pillow's message names a file object

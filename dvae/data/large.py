@@ -18,13 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import ConfigError
 from .common import center_crop, grow_to_fit, paper_augment, random_crop, stable_seed, to_unit_float
-from .folder import BadFiles, FileCheck, FolderImages, UnreadableImage, folder_index, one_line, rgb_array
+from .folder import BadFiles, FileCheck, FolderImages, UnreadableImage, folder_index, one_line, open_image, rgb_array
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
 
@@ -103,7 +102,7 @@ def decode_image(sample: dict) -> Tensor | None:
     for key in IMAGE_KEYS:
         if key in sample:
             try:
-                with Image.open(io.BytesIO(sample[key])) as image:
+                with open_image(io.BytesIO(sample[key])) as image:
                     return torch.from_numpy(rgb_array(image).copy()).permute(2, 0, 1)
             except Exception as error:  # a decoder fails in many ways on damaged bytes
                 raise OSError(one_line(error)) from error
