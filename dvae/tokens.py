@@ -258,7 +258,8 @@ def bytes_per_image(config: dict[str, Any], pixels: int) -> int:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:,.1f} GB"
+    unit, scale = next(((u, f) for u, f in (("GB", 1e9), ("MB", 1e6)) if n >= f), ("kB", 1e3))
+    return f"{n / scale:,.1f} {unit}"
 
 
 def _memory_refusal(need: int, device: torch.device) -> str | None:
