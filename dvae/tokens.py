@@ -257,7 +257,7 @@ def bytes_per_image(config: dict[str, Any], pixels: int) -> int:
     return 4 * (pixels * 4 * (n_hid + config["channels"]) + tokens * (config["K"] + n_init))
 
 
-def _gb(n: int) -> str:
+def _amount(n: int) -> str:
     unit, scale = next(((u, f) for u, f in (("GB", 1e9), ("MB", 1e6)) if n >= f), ("kB", 1e3))
     return f"{n / scale:,.1f} {unit}"
 
@@ -267,7 +267,7 @@ def _memory_refusal(need: int, device: torch.device) -> str | None:
     have = device_memory(device)
     if have is None or need <= have:
         return None
-    return f"but {'the GPU' if device.type == 'cuda' else 'this machine'} has {_gb(have)}"
+    return f"but {'the GPU' if device.type == 'cuda' else 'this machine'} has {_amount(have)}"
 
 
 def _check_encode_memory(config: dict[str, Any], size: int, what: str, batch: int, device: torch.device) -> None:
@@ -278,12 +278,12 @@ def _check_encode_memory(config: dict[str, Any], size: int, what: str, batch: in
         return
     have = device_memory(device) or 0
     if per_image <= have:
-        raise ConfigError(f"{what} with --batch-size {batch} needs about {_gb(per_image * batch)} of memory {short}; "
-                          f"use --batch-size {have // per_image} or less.")
+        raise ConfigError(f"{what} with --batch-size {batch} needs about {_amount(per_image * batch)} of memory "
+                          f"{short}; use --batch-size {have // per_image} or less.")
     f = config["downsampling"]
     largest = math.isqrt(have * size * size // per_image) // f * f
     fix = f"use --size {largest} or less" if largest >= f else "use a machine with more memory"
-    raise ConfigError(f"{what} needs about {_gb(per_image)} of memory to encode one image {short}; {fix}.")
+    raise ConfigError(f"{what} needs about {_amount(per_image)} of memory to encode one image {short}; {fix}.")
 
 
 def _check_decode_memory(tokens: Path, meta: dict[str, Any], config: dict[str, Any], device: torch.device,
@@ -305,12 +305,12 @@ def _check_decode_memory(tokens: Path, meta: dict[str, Any], config: dict[str, A
     have = device_memory(device) or 0
     images = f"--tokens {tokens} holds {grid[0]}x{grid[1]} token grids ({height}x{width}-pixel images)"
     if sheet > have // 2:
-        raise ConfigError(f"{images}: a contact sheet of {tiles} of them needs about {_gb(sheet)} of memory {short}; "
-                          f"use a smaller --limit, or decode without --grid.")
+        raise ConfigError(f"{images}: a contact sheet of {tiles} of them needs about {_amount(sheet)} of memory "
+                          f"{short}; use a smaller --limit, or decode without --grid.")
     if per_image <= have:
-        raise ConfigError(f"{images}: decoding {batch} at a time needs about {_gb(per_image * batch)} of memory "
+        raise ConfigError(f"{images}: decoding {batch} at a time needs about {_amount(per_image * batch)} of memory "
                           f"{short}; use --batch-size {max(1, (have - sheet) // per_image)} or less.")
-    raise ConfigError(f"{images}: decoding one needs about {_gb(per_image)} of memory {short}; decode them on a "
+    raise ConfigError(f"{images}: decoding one needs about {_amount(per_image)} of memory {short}; decode them on a "
                       f"machine with more memory.")
 
 
@@ -330,10 +330,15 @@ def _index_problem(record: Any) -> str | None:
     for key in ("i", "shard", "row"):
         value = record.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            return f"{key}={value!r}, not an integer of at least 0"
+            return f"{key}={_short(value)}, not an integer of at least 0"
     if not isinstance(record.get("source"), str):
-        return f"source={record.get('source')!r}, not a file name"
+        return f"source={_short(record.get('source'))}, not a file name"
     return None
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _read_index(out: Path, strict: bool = False) -> list[dict[str, Any]]:
@@ -578,8 +583,7 @@ def check_tokens_fit_model(tokens: Path, config: dict[str, Any], model_dir: Path
         check_token_grids(next(iter_tokens(tokens))[0], config["K"], f"--tokens {tokens}")
         return meta
     _require_index(tokens)
-    records = _read_index(tokens, strict=True)
-    for shard in sorted({record["shard"] for record in records}):
+    for shard, records in sorted(_by_shard(_read_index(tokens, strict=True)).items()):
         file = tokens / SHARD_NAME.format(shard)
         try:
             shape = np.load(file, mmap_mode="r", allow_pickle=False).shape  # the header only
@@ -587,8 +591,15 @@ def check_tokens_fit_model(tokens: Path, config: dict[str, Any], model_dir: Path
             raise ConfigError(f"{file} could not be read ({error}); run dvae-encode again with the same "
                               f"arguments to redo it.") from error
         check_grid_shape(shape, f"--tokens {tokens}", meta.get("grid"))
-        _check_rows(file, shape[0], [r for r in records if r["shard"] == shard])
+        _check_rows(file, shape[0], records)
     return meta
+
+
+def _by_shard(records: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    by_shard: dict[int, list[dict[str, Any]]] = {}
+    for record in records:
+        by_shard.setdefault(record["shard"], []).append(record)
+    return by_shard
 
 
 def _check_rows(shard_file: Path, n: int, records: list[dict[str, Any]]) -> None:
@@ -622,11 +633,7 @@ def iter_tokens(path: str | Path) -> Iterator[tuple[np.ndarray, list[dict[str, A
         yield tokens, [{"i": i, "source": f"{i:06d}"} for i in range(len(tokens))]
         return
     _require_index(path)
-    records = _read_index(path, strict=True)
-    by_shard: dict[int, list[dict[str, Any]]] = {}
-    for record in records:
-        by_shard.setdefault(record["shard"], []).append(record)
-    for shard, rows in sorted(by_shard.items()):
+    for shard, rows in sorted(_by_shard(_read_index(path, strict=True)).items()):
         file = path / SHARD_NAME.format(shard)
         try:
             tokens = np.load(file, allow_pickle=False)
