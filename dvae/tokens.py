@@ -248,7 +248,7 @@ def device_memory(device: torch.device) -> int | None:
 def bytes_per_image(config: dict[str, Any], pixels: int) -> int:
     """About the memory one image of `pixels` pixels takes through the model dvae.json describes, at
     its widest: a few float32 maps of the hidden width at full resolution, and the K logits (or the
-    code vectors) per token. Within a third of the peak measured for encoding and decoding."""
+    code vectors) per token. A little above the peak an encode or a decode reaches."""
     arch = config["model"]
     n_hid, n_init = (arch.get(key) for key in ("n_hid", "n_init"))
     if not all(isinstance(v, int) and v > 0 for v in (n_hid, n_init)):
