@@ -186,12 +186,18 @@ def test_dvae_encode_refuses_before_reading_weights(case, args, message, model_d
     assert snapshot(tmp_path) == before
 
 
-def test_a_read_only_out_found_late_is_one_sentence_naming_it(model_dir, image_dir, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "tokens"
-    monkeypatch.setattr(tokens_module, "write_json", read_only_write)
-    assert encode(model_dir, image_dir, out) == 2
-    error = one_sentence_error(capsys, "dvae-encode")
-    assert error.startswith(f"dvae-encode: error: {out}: read-only file system; fix that") and "Errno" not in error
+@pytest.mark.parametrize("tool", ["dvae-encode", "dvae-decode"])
+def test_a_read_only_out_found_late_is_one_sentence_naming_it(tool, model_dir, image_dir, encoded, tmp_path, capsys,
+                                                              monkeypatch):
+    out = tmp_path / "out"
+    if tool == "dvae-encode":
+        monkeypatch.setattr(tokens_module, "write_json", read_only_write)
+        assert encode(model_dir, image_dir, out) == 2
+    else:
+        monkeypatch.setattr(tokens_module, "atomic_write", read_only_write)  # the first PNG
+        assert decode(model_dir, encoded, out) == 2
+    error = one_sentence_error(capsys, tool)
+    assert error.startswith(f"{tool}: error: {out}: read-only file system; fix that") and "Errno" not in error
 
 
 # --------------------------------------------------------------------------------------------- dvae-decode
