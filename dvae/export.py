@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, os_error_sentence
 from .files import load_weights
 from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE, predicts_scale
 from .pretrained import FORMATS, check_out_dir, file_sha256, save_pretrained
@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dvae-export: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # permissions, a file where a folder of the path should be, a full disk
-        print(f"dvae-export: error: could not write --out {args.out} ({error}); choose a directory you can "
-              f"write to.", file=sys.stderr)
+        print(f"dvae-export: error: could not write --out {args.out} ({os_error_sentence(error)}); choose a "
+              f"directory you can write to.", file=sys.stderr)
         return 2
     source = config["source"]
     files = ", ".join(f"{name} ({(out / name).stat().st_size / 1e6:.2f} MB)" for name in config["files"].values())

@@ -87,11 +87,20 @@ def _collect_tensors(obj: Any, prefix: str = "") -> dict[str, Tensor]:
     return out
 
 
-def read_official(path: str | Path) -> dict[str, Tensor]:
-    """Official-format tensors from a pickled official module or a state dict with official keys."""
+def read_official(path: str | Path, role: str | None = None) -> dict[str, Tensor]:
+    """Official-format tensors from a pickled official module or a state dict with official keys.
+    `role` (encoder or decoder) names the file the error messages ask for."""
     path = Path(path)
+    wanted = f"{role}.pkl" if role else "encoder.pkl or decoder.pkl"
+    if path.is_dir():
+        inside = f" ({path / wanted} is there)" if role and (path / wanted).is_file() else ""
+        raise ValueError(f"{path} is a directory; pass the file {wanted} itself{inside}.")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass the path of encoder.pkl or decoder.pkl.")
+        raise FileNotFoundError(f"{path} does not exist; pass the path of {wanted}.")
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # a zip (torch.save) or a binary pickle
+        raise ValueError(f"{path} is not a pickle or PyTorch file (torch.save or pickle.dump output); pass {wanted}.")
     try:
         with warnings.catch_warnings():  # the legacy format checks module source code, which stand-ins lack
             warnings.filterwarnings("ignore", message="Couldn't retrieve source code for container")
@@ -116,6 +125,12 @@ def _architecture(tensors: dict[str, Tensor]) -> dict[str, int]:
     if not groups or not blocks:
         raise ValueError("the tensors have no blocks.group_N.block_M entries: not an official dVAE.")
     return {"groups": len(groups), "blocks_per_group": len(blocks)}
+
+
+def _kind(tensors: dict[str, Tensor]) -> str:
+    """encoder or decoder, by the input convolution: 7x7 over the pixels, or 1x1 over the K codes."""
+    weight = tensors["blocks.input.w"]
+    return "encoder" if weight.ndim == 4 and weight.shape[-1] > 1 else "decoder"
 
 
 def _to_ours(tensors: dict[str, Tensor], part: str) -> dict[str, Tensor]:
@@ -143,8 +158,15 @@ def load_openai(encoder_path: str | Path, decoder_path: str | Path, log_scale_fl
     """A `DVAE` with the official encoder's and decoder's weights (learned scale: the official
     decoder outputs mu and ln b). The official decoder has no floor on ln b; ours is applied unless
     `log_scale_floor` says otherwise (pass -inf-like values, e.g. -1e4, for exact parity)."""
-    enc = read_official(encoder_path)
-    dec = read_official(decoder_path)
+    enc = read_official(encoder_path, "encoder")
+    dec = read_official(decoder_path, "decoder")
+    kinds = (_kind(enc), _kind(dec))
+    if kinds == ("decoder", "encoder"):
+        raise ValueError(f"{encoder_path} looks like a decoder and {decoder_path} like an encoder: the two files "
+                         f"look swapped; pass them the other way round.")
+    if kinds != ("encoder", "decoder"):
+        raise ValueError(f"{encoder_path} and {decoder_path} both look like {kinds[0]}s (by their input "
+                         f"convolution); pass one encoder.pkl and one decoder.pkl.")
     arch = _architecture(enc)
     if _architecture(dec) != arch:
         raise ValueError(f"the encoder ({arch}) and decoder ({_architecture(dec)}) have different architectures.")
@@ -171,8 +193,8 @@ def import_main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from .errors import ConfigError
-    from .pretrained import file_sha256
+    from .errors import ConfigError, os_error_sentence
+    from .pretrained import check_out_dir, file_sha256
 
     parser = argparse.ArgumentParser(
         prog="dvae-import-openai",
@@ -186,12 +208,17 @@ def import_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an existing export in --out")
     args = parser.parse_args(argv)
     try:
+        check_out_dir(Path(args.out), args.force)  # before the (large) official files are read
         model = load_openai(args.encoder, args.decoder)
         model.save_pretrained(args.out, format=args.format, force=args.force, metadata={
             "source": "openai", "encoder_sha256": file_sha256(args.encoder),
             "decoder_sha256": file_sha256(args.decoder)})
     except (ValueError, FileNotFoundError, ConfigError) as error:
         print(f"dvae-import-openai: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file that could not be read, or --out not written after all (a full disk)
+        print(f"dvae-import-openai: error: {os_error_sentence(error)}; fix that (or choose another --out) and run "
+              f"the command again.", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: K={model.K}, downsampling {model.downsampling}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "

@@ -38,7 +38,7 @@ FILE_NAMES = {
 CODEBOOK_KEY = "codebook"
 # The decoder's input projection, [D, K, 1, 1]: exported only as the codebook, [K, D].
 CODEBOOK_WEIGHT = "decoder.blocks.input.weight"
-# Every file name an export may write: `--force` replaces these and nothing else.
+# Every file name an export may write: `--force` replaces or removes these and nothing else.
 EXPORT_FILES = (CONFIG_FILE, *(name for names in FILE_NAMES.values() for name in names.values()))
 
 
@@ -74,6 +74,11 @@ def check_out_dir(out: Path, force: bool, what: str = "--out") -> None:
             f"{what} {out} is not empty; choose a new directory, or pass --force to write into it (files of the "
             f"same names are replaced)."
         )
+    existing = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
+    if existing is not None and existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        # A read-only file system or a folder of someone else's: say so now, not after the work.
+        raise ConfigError(f"{what} {out} cannot be written ({existing} is read-only to you); choose a directory "
+                          f"you can write to.")
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -127,15 +132,28 @@ def save_pretrained(model: DVAE, out: str | Path, format: str = "safetensors", f
         "dtype": str(codebook.dtype).removeprefix("torch."),
         "files": dict(names),
     }
+    previous = _previous_export_files(out)
     # A half-replaced directory must not look like a valid export: dvae.json goes first and comes last.
     (out / CONFIG_FILE).unlink(missing_ok=True)
     _write_tensors(out / names["codebook"], format, {CODEBOOK_KEY: codebook})
     _write_tensors(out / names["model"], format, tensors)
-    for stale in EXPORT_FILES:  # files of an earlier export in another format
-        if stale not in names.values() and stale != CONFIG_FILE:
-            (out / stale).unlink(missing_ok=True)
+    for stale in previous - set(names.values()):  # the earlier export's files in another format
+        (out / stale).unlink(missing_ok=True)
     write_json(out / CONFIG_FILE, config)
     return out / CONFIG_FILE
+
+
+def _previous_export_files(out: Path) -> set[str]:
+    """The tensor files the export already in `out` wrote, as its dvae.json lists them: the only files
+    `--force` may remove (a user's own model.pt next to it is not ours). Names other than the ones an
+    export writes are ignored."""
+    try:
+        files = json.loads((out / CONFIG_FILE).read_text()).get("files")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):  # none, or not an export's dvae.json
+        return set()
+    if not isinstance(files, dict):
+        return set()
+    return {name for name in files.values() if isinstance(name, str) and name in EXPORT_FILES} - {CONFIG_FILE}
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -180,6 +198,11 @@ def read_config(path: str | Path) -> dict[str, Any]:
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{file} has {key}={value!r}, not a positive integer; export the model again.")
+    f, groups = config["downsampling"], config["model"].get("groups")
+    groups = groups if isinstance(groups, int) and 1 <= groups <= 32 else None  # else DVAE(...) names it
+    if f & (f - 1) or (groups and f != 2 ** (groups - 1)):  # one 2x2 pooling per group after the first
+        expected = f"{2 ** (groups - 1)} for its {groups} groups" if groups else "a power of two"
+        raise ConfigError(f"{file} has downsampling={f}, but it must be {expected}; export the model again.")
     return config
 
 

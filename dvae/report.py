@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, os_error_sentence
 from .files import atomic_write
 
 # metrics.json key -> column title, number format
@@ -47,7 +47,7 @@ class Job:
     path: Path
     overrides: dict[str, str] = field(default_factory=dict)
     metrics: dict | None = None
-    status: str = "unfinished"  # finished, failed or unfinished
+    status: str = "unfinished"  # finished, failed, damaged (metrics.json unreadable) or unfinished
     error: str | None = None
 
 
@@ -78,6 +78,9 @@ def load_job(job_dir: Path) -> Job:
     status = _read_json(job_dir / "status.json") or {}
     if metrics is not None:
         job.metrics, job.status = metrics, "finished"
+    elif (job_dir / "metrics.json").is_file():  # written once, at the end of a run: not one still running
+        job.status = "damaged"
+        job.error = f"{job_dir / 'metrics.json'} is damaged (not a JSON object); rerun the job or restore the file"
     elif status.get("status") == "failed" or (job_dir / "error.txt").is_file():
         job.status = "failed"
         job.error = status.get("error")
@@ -159,9 +162,10 @@ def render(directory: Path, jobs: list[Job]) -> str:
     finished = [j for j in jobs if j.status == "finished"]
     failed = [j for j in jobs if j.status == "failed"]
     unfinished = [j for j in jobs if j.status == "unfinished"]
+    damaged = [j for j in jobs if j.status == "damaged"]
     lines = [f"# Report: {directory}", ""]
     lines.append(f"{len(jobs)} job(s): {len(finished)} finished, {len(failed)} failed, "
-                 f"{len(unfinished)} unfinished.")
+                 f"{len(unfinished)} unfinished" + (f", {len(damaged)} damaged." if damaged else "."))
     common = [f"{k}={v}" for k, v in jobs[0].overrides.items() if k not in keys]
     if common:
         lines.append("Common overrides: `" + " ".join(common) + "`.")
@@ -187,6 +191,9 @@ def render(directory: Path, jobs: list[Job]) -> str:
     if failed:
         lines += ["", "Failed jobs:", ""]
         lines += [f"- job {j.name} ({_describe(j, keys)}): {j.error or 'unknown error'}" for j in failed]
+    if damaged:
+        lines += ["", "Damaged jobs:", ""]
+        lines += [f"- job {j.name} ({_describe(j, keys)}): {j.error}" for j in damaged]
     if unfinished:
         lines += ["", "Unfinished jobs (no metrics.json yet):", ""]
         lines += [f"- job {j.name} ({_describe(j, keys)})" for j in unfinished]
@@ -284,8 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dvae-report: error: {error}", file=sys.stderr)
         sys.exit(2)
     except OSError as error:
-        print(f"dvae-report: error: could not write the report in {args.directory} ({error}); make the directory "
-              f"writable, or copy it somewhere writable and report there.", file=sys.stderr)
+        print(f"dvae-report: error: could not write the report in {args.directory} ({os_error_sentence(error)}); "
+              f"make the directory writable, or copy it somewhere writable and report there.", file=sys.stderr)
         sys.exit(2)
     print(text, end="")
     written = "report.md" if args.no_plot else "report.md and report.png"

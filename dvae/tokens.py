@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data.common import center_crop, resize, to_unit_float
 from .data.folder import IMAGE_EXTENSIONS, read_rgb, walk_images
-from .errors import ConfigError
+from .errors import ConfigError, os_error_sentence
 from .files import not_a_regular_file
 from .pretrained import atomic_write, check_out_dir, fingerprint, from_pretrained, read_config, write_json
 
@@ -177,19 +179,27 @@ def open_images(data: str, size: int, channels: int, split: str = "val",
 
 
 def _image_size(config: dict[str, Any], size: int | None, model_dir: Path) -> int:
-    """--size, or the training crop size of dvae.json: a positive multiple of the downsampling factor."""
+    """--size, or the training crop size of dvae.json: a positive multiple of the downsampling factor
+    (a power of two: `read_config` checks it). A bad value is named where it came from."""
     f = config["downsampling"]
+    given = size
     if size is None:
         size = config.get("image_size")
         if size is None:
             raise ConfigError(f"{model_dir}/dvae.json records no training image size; pass --size (a multiple of {f}).")
-    if not isinstance(size, int) or size < f or size % f:
-        suggestion = max(f, round(size / f) * f) if isinstance(size, (int, float)) else f * 8
+    if isinstance(size, int) and not isinstance(size, bool) and size >= f and size % f == 0:
+        return size
+    number = size if isinstance(size, (int, float)) and not isinstance(size, bool) and math.isfinite(size) else 8 * f
+    suggestion = max(f, round(number / f) * f)
+    if given is None:
         raise ConfigError(
-            f"--size {size} is not a positive multiple of the model's downsampling factor {f}; "
-            f"use e.g. --size {suggestion}."
+            f"{model_dir}/dvae.json has image_size={size!r}, not a positive multiple of the model's downsampling "
+            f"factor {f}; pass --size (e.g. --size {suggestion}) or export the model again."
         )
-    return size
+    raise ConfigError(
+        f"--size {size} is not a positive multiple of the model's downsampling factor {f}; "
+        f"use e.g. --size {suggestion}."
+    )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -227,21 +237,145 @@ def _progress(enabled: bool):
                     disable=not enabled)
 
 
+# --------------------------------------------------------------------------------------------- memory
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on `device`: the GPU's, or the machine's physical memory (psutil is not a
+    dependency); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return None
+
+
+def bytes_per_image(config: dict[str, Any], pixels: int) -> int:
+    """About the memory one image of `pixels` pixels takes through the model dvae.json describes, at
+    its widest: a few float32 maps of the hidden width at full resolution, and the K logits (or the
+    code vectors) per token. A little above the peak an encode or a decode reaches."""
+    arch = config["model"]
+    n_hid, n_init = (arch.get(key) for key in ("n_hid", "n_init"))
+    if not all(isinstance(v, int) and v > 0 for v in (n_hid, n_init)):
+        return 0  # from_pretrained names the bad value
+    tokens = pixels // config["downsampling"] ** 2
+    return 4 * (pixels * 4 * (n_hid + config["channels"]) + tokens * (config["K"] + n_init))
+
+
+def _amount(n: int) -> str:
+    unit, scale = next(((u, f) for u, f in (("GB", 1e9), ("MB", 1e6)) if n >= f), ("kB", 1e3))
+    return f"{n / scale:,.1f} {unit}"
+
+
+def _memory_refusal(need: int, device: torch.device) -> str | None:
+    """'but this machine has N GB' when `need` bytes exceed the device's memory, else None."""
+    have = device_memory(device)
+    if have is None or need <= have:
+        return None
+    return f"but {'the GPU' if device.type == 'cuda' else 'this machine'} has {_amount(have)}"
+
+
+def _check_encode_memory(config: dict[str, Any], size: int, what: str, batch: int, device: torch.device) -> None:
+    """Refuse an image size or batch the device cannot hold, before the weights or an image are read:
+    else the allocator fails (or the machine swaps) only after it has tried to take all memory."""
+    per_image = bytes_per_image(config, size * size)
+    if not per_image or not (short := _memory_refusal(per_image * batch, device)):
+        return
+    have = device_memory(device) or 0
+    if per_image <= have:
+        raise ConfigError(f"{what} with --batch-size {batch} needs about {_amount(per_image * batch)} of memory "
+                          f"{short}; use --batch-size {have // per_image} or less.")
+    f = config["downsampling"]
+    largest = math.isqrt(have * size * size // per_image) // f * f
+    fix = f"use --size {largest} or less" if largest >= f else "use a machine with more memory"
+    raise ConfigError(f"{what} needs about {_amount(per_image)} of memory to encode one image {short}; {fix}.")
+
+
+def _check_decode_memory(tokens: Path, meta: dict[str, Any], config: dict[str, Any], device: torch.device,
+                         batch: int, tiles: int, originals: bool) -> None:
+    """Refuse token grids whose images the device cannot hold (a batch of them, and the contact sheet's
+    tiles), before the weights are read."""
+    if not batch:
+        return
+    grid = meta.get("grid")
+    if not (isinstance(grid, list) and len(grid) == 2):
+        grid = (np.load(tokens, mmap_mode="r") if tokens.is_file() else _first_shard(tokens)).shape[-2:]
+    f = config["downsampling"]
+    height, width = int(grid[0]) * f, int(grid[1]) * f
+    per_image = bytes_per_image(config, height * width)
+    sheet = 2 * tiles * (2 if originals else 1) * config["channels"] * height * width  # uint8 tiles and the sheet
+    short = _memory_refusal(per_image * batch + sheet, device)
+    if not per_image or not short:
+        return
+    have = device_memory(device) or 0
+    images = f"--tokens {tokens} holds {grid[0]}x{grid[1]} token grids ({height}x{width}-pixel images)"
+    if sheet > have // 2:
+        raise ConfigError(f"{images}: a contact sheet of {tiles} of them needs about {_amount(sheet)} of memory "
+                          f"{short}; use a smaller --limit, or decode without --grid.")
+    if per_image <= have:
+        raise ConfigError(f"{images}: decoding {batch} at a time needs about {_amount(per_image * batch)} of memory "
+                          f"{short}; use --batch-size {max(1, (have - sheet) // per_image)} or less.")
+    raise ConfigError(f"{images}: decoding one needs about {_amount(per_image)} of memory {short}; decode them on a "
+                      f"machine with more memory.")
+
+
+def _first_shard(tokens: Path) -> np.ndarray:
+    records = _read_index(tokens, strict=True)
+    return np.load(tokens / SHARD_NAME.format(records[0]["shard"] if records else 0), mmap_mode="r")
+
+
 # --------------------------------------------------------------------------------------------- encode
 
 
-def _read_index(out: Path) -> list[dict[str, Any]]:
-    """The index lines up to the first broken one (a run stopped while appending)."""
+def _index_problem(record: Any) -> str | None:
+    """What is wrong with one parsed index line, or None: it needs integer i, shard and row of at
+    least 0 (a row of -1 would quietly pick another grid) and a source name."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    for key in ("i", "shard", "row"):
+        value = record.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{key}={_short(value)}, not an integer of at least 0"
+    if not isinstance(record.get("source"), str):
+        return f"source={_short(record.get('source'))}, not a file name"
+    return None
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_index(out: Path, strict: bool = False) -> list[dict[str, Any]]:
+    """The index lines up to the first broken one (a run stopped while appending). `strict` (reading
+    the tokens back) refuses a broken line with a sentence naming the file and the line, unless it
+    is a torn last line (no newline: an append that was cut short)."""
     records = []
     index = out / INDEX_FILE
     if not index.exists():
         return records
-    for line in index.read_text().splitlines():
+    try:
+        text = index.read_text()
+    except UnicodeDecodeError as error:
+        if strict:
+            raise ConfigError(f"{index} is not text ({error.reason}); the directory is damaged: run dvae-encode "
+                              f"again into a new --out.") from error
+        return records
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            break
-        if not isinstance(record, dict) or not {"i", "shard", "row", "source"} <= record.keys():
+            record = None
+            problem = "not JSON"
+        else:
+            problem = _index_problem(record)
+        if problem:
+            torn = number == len(lines) and not text.endswith("\n")
+            if strict and not torn:
+                raise ConfigError(f"{index} line {number} is damaged ({problem}); run dvae-encode again into a "
+                                  f"new --out to redo the tokens.")
             break
         records.append(record)
     return records
@@ -297,8 +431,10 @@ def encode_dataset(model_dir: str | Path, data: str, out: str | Path, size: int 
         check_out_dir(out, force)  # a folder of something else: refuse before any work
     dev = resolve_device(device)
     config = read_config(model_dir)  # dvae.json alone: the weights are read once everything else is known good
-    size = _image_size(config, size, model_dir)
+    given_size, size = size, _image_size(config, size, model_dir)
     dataset, sources, spec = open_images(data, size, config["channels"], split, data_options)
+    _check_encode_memory(config, size, f"--size {size}" if given_size is not None else
+                         f"image_size {size} of {model_dir / 'dvae.json'}", min(batch_size, len(sources)), dev)
     K, f = config["K"], config["downsampling"]
     meta = {
         "model": {"path": str(model_dir.resolve()), "fingerprint": fingerprint(model_dir), "K": K,
@@ -453,7 +589,7 @@ def check_tokens_fit_model(tokens: Path, config: dict[str, Any], model_dir: Path
         check_token_grids(next(iter_tokens(tokens))[0], config["K"], f"--tokens {tokens}")
         return meta
     _require_index(tokens)
-    for shard in sorted({record["shard"] for record in _read_index(tokens)}):
+    for shard, records in sorted(_by_shard(_read_index(tokens, strict=True)).items()):
         file = tokens / SHARD_NAME.format(shard)
         try:
             shape = np.load(file, mmap_mode="r", allow_pickle=False).shape  # the header only
@@ -461,7 +597,24 @@ def check_tokens_fit_model(tokens: Path, config: dict[str, Any], model_dir: Path
             raise ConfigError(f"{file} could not be read ({error}); run dvae-encode again with the same "
                               f"arguments to redo it.") from error
         check_grid_shape(shape, f"--tokens {tokens}", meta.get("grid"))
+        _check_rows(file, shape[0], records)
     return meta
+
+
+def _by_shard(records: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    by_shard: dict[int, list[dict[str, Any]]] = {}
+    for record in records:
+        by_shard.setdefault(record["shard"], []).append(record)
+    return by_shard
+
+
+def _check_rows(shard_file: Path, n: int, records: list[dict[str, Any]]) -> None:
+    """Every index line of a shard points at one of its `n` grids."""
+    beyond = next((r for r in records if r["row"] >= n), None)
+    if beyond is not None:
+        raise ConfigError(f"{shard_file.parent / INDEX_FILE} is damaged: the line of {beyond['source']} points at "
+                          f"row {beyond['row']} of {shard_file.name}, which holds {n} grids; run dvae-encode again "
+                          f"into a new --out.")
 
 
 def _require_index(path: Path) -> None:
@@ -486,11 +639,7 @@ def iter_tokens(path: str | Path) -> Iterator[tuple[np.ndarray, list[dict[str, A
         yield tokens, [{"i": i, "source": f"{i:06d}"} for i in range(len(tokens))]
         return
     _require_index(path)
-    records = _read_index(path)
-    by_shard: dict[int, list[dict[str, Any]]] = {}
-    for record in records:
-        by_shard.setdefault(record["shard"], []).append(record)
-    for shard, rows in sorted(by_shard.items()):
+    for shard, rows in sorted(_by_shard(_read_index(path, strict=True)).items()):
         file = path / SHARD_NAME.format(shard)
         try:
             tokens = np.load(file, allow_pickle=False)
@@ -498,6 +647,7 @@ def iter_tokens(path: str | Path) -> Iterator[tuple[np.ndarray, list[dict[str, A
             raise ConfigError(
                 f"{file} could not be read ({error}); run dvae-encode again with the same arguments to redo it."
             ) from error
+        _check_rows(file, len(tokens), rows)
         yield tokens[[r["row"] for r in rows]], rows
 
 
@@ -510,7 +660,7 @@ def count_tokens(path: str | Path) -> int:
         except (OSError, ValueError, AttributeError):  # AttributeError: a .npz archive has no shape
             return 0  # iter_tokens says what is wrong
         return 1 if len(shape) == 2 else (shape[0] if shape else 0)
-    return len(_read_index(path)) if (path / INDEX_FILE).is_file() else 0
+    return len(_read_index(path, strict=True)) if (path / INDEX_FILE).is_file() else 0
 
 
 def load_tokens(path: str | Path) -> tuple[np.ndarray, list[str]]:
@@ -541,15 +691,37 @@ def _png_name(source: str, i: int, taken: set[str]) -> str:
     return name
 
 
-def _originals(tokens_dir: Path, channels: int) -> tuple[Dataset, dict[str, Any]]:
+def _originals(tokens_dir: Path, channels: int, shown: list[dict[str, Any]]) -> Callable[[dict[str, Any]], Tensor]:
+    """The source image of an index line, for the lines `shown` on the contact sheet, checked before
+    any decoding: a folder's images by their recorded names (a renamed or deleted file is named, never
+    replaced by its neighbour), a data config's by position once it still gives the same images."""
     meta_file = tokens_dir / META_FILE
     if not meta_file.is_file():
         raise ConfigError("--originals needs a TOKENS directory written by dvae-encode (with its meta.json).")
-    meta = json.loads(meta_file.read_text())
-    spec = meta["data"]
-    data = spec["root"] if spec["kind"] == "folder" else spec["name"]
-    dataset, _, _ = open_images(data, meta["image_size"], channels, spec.get("split", "val"), spec.get("options", {}))
-    return dataset, meta
+    meta = _tokens_meta(tokens_dir)
+    spec, size = meta.get("data"), meta.get("image_size")
+    if not isinstance(spec, dict) or spec.get("kind") not in ("folder", "config") or not isinstance(size, int) \
+            or isinstance(size, bool) or size < 1:
+        raise ConfigError(f"{meta_file} does not say which images the tokens were made from (its data or "
+                          f"image_size is missing or damaged); decode without --originals.")
+    if spec["kind"] == "folder":
+        root = Path(str(spec.get("root")))
+        if not root.is_dir():
+            raise ConfigError(f"--originals: the image folder {root} that {meta_file} names no longer exists; "
+                              f"decode without --originals.")
+        for record in shown:
+            name = Path(record["source"])
+            if name.is_absolute() or ".." in name.parts or not (root / name).is_file():
+                raise ConfigError(f"--originals: {root / name}, an image the tokens were made from, is no longer "
+                                  f"there (renamed, moved or deleted); put it back, or decode without --originals.")
+        return lambda record: load_image(root / record["source"], size, channels)
+    dataset, sources, _ = open_images(str(spec.get("name")), size, channels, spec.get("split", "val"),
+                                      spec.get("options") or {})
+    if hashlib.sha256("\n".join(sources).encode()).hexdigest() != meta.get("sources_sha256") or \
+            any(record["i"] >= len(sources) for record in shown):
+        raise ConfigError(f"--originals: --data {spec.get('name')} no longer gives the images {meta_file} records "
+                          f"(its sources' SHA-256 differs); decode without --originals.")
+    return lambda record: dataset[record["i"]]
 
 
 def decode_tokens(model_dir: str | Path, tokens: str | Path, out: str | Path, grid: bool = False,
@@ -574,11 +746,16 @@ def decode_tokens(model_dir: str | Path, tokens: str | Path, out: str | Path, gr
     if grid and limit is None:
         limit = 64
     dev = resolve_device(device)
-    meta = check_tokens_fit_model(tokens, read_config(model_dir), model_dir)
-    model = from_pretrained(model_dir, device=dev)[0]
-    source_set = _originals(tokens, model.channels)[0] if originals else None
+    config = read_config(model_dir)
+    meta = check_tokens_fit_model(tokens, config, model_dir)
     total = count_tokens(tokens)
     total = min(total, limit) if limit else total
+    _check_decode_memory(tokens, meta, config, dev, min(batch_size, total), total if grid else 0, originals)
+    original = None
+    if originals:  # the first `total` lines, in the order iter_tokens yields them
+        shown = sorted(_read_index(tokens, strict=True), key=lambda record: record["shard"])[:total]
+        original = _originals(tokens, config["channels"], shown)
+    model = from_pretrained(model_dir, device=dev)[0]
     tiles, originals_list, written, taken = [], [], 0, set()
     with _progress(progress) as bar, torch.inference_mode():
         task = bar.add_task("decoding", total=total or None)
@@ -595,8 +772,8 @@ def decode_tokens(model_dir: str | Path, tokens: str | Path, out: str | Path, gr
                     raise ConfigError(f"--tokens {tokens} does not fit --model {model_dir}: {error}") from error
                 if grid:
                     tiles.append(images)
-                    if source_set is not None:
-                        originals_list += [to_uint8(source_set[r["i"]]) for r in rows]
+                    if original is not None:
+                        originals_list += [to_uint8(original(r)) for r in rows]
                 else:
                     for image, record in zip(images, rows):
                         save_png(image, out / _png_name(record["source"], record["i"], taken))
@@ -692,9 +869,14 @@ def encode_main(argv: list[str] | None = None) -> int:
                        batch_size=args.batch_size, shard_size=args.shard_size, device=args.device,
                        workers=args.workers, force=args.force, data_options=args.data_option,
                        progress=not args.no_progress)
-    except (ConfigError, OSError) as error:
-        hint = "" if isinstance(error, ConfigError) else "; fix it, then run the same command to continue"
-        print(f"dvae-encode: error: {error}{hint}", file=sys.stderr)
+    except ConfigError as error:
+        print(f"dvae-encode: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # an unreadable image (our message names it), or a file --out could not take
+        hint = ("replace it with a readable image, then run the same command to continue (or remove it and add "
+                "--force to start over)") if error.filename is None else \
+            "fix that, then run the same command to continue"
+        print(f"dvae-encode: error: {os_error_sentence(error)}; {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dvae-encode: interrupted; run the same command again to continue", file=sys.stderr)
@@ -708,8 +890,11 @@ def decode_main(argv: list[str] | None = None) -> int:
         decode_tokens(args.model, args.tokens, args.out, grid=args.grid, limit=args.limit,
                       batch_size=args.batch_size, nrow=args.nrow, originals=args.originals,
                       device=args.device, force=args.force, progress=not args.no_progress)
-    except (ConfigError, OSError) as error:
+    except ConfigError as error:
         print(f"dvae-decode: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file that could not be read, or an --out that could not be written
+        print(f"dvae-decode: error: {os_error_sentence(error)}; fix that and run the command again.", file=sys.stderr)
         return 2
     return 0
 

@@ -1,6 +1,7 @@
 """Trace what the codebook and the encoder do at every training update of a dvae-train run.
 
     .venv/bin/python scripts/trace_training.py OUT.csv [Hydra overrides ...]
+    .venv/bin/python scripts/trace_training.py --plot OUT.png A.csv [B.csv ...]   # the curves side by side
 
 Runs `dvae.train.train` with the overrides (into a temporary run directory unless hydra.run.dir is
 given) and writes one CSV row per update: the KL per sub-pixel, the perplexity of the batch's argmax
@@ -25,7 +26,7 @@ from hydra import compose, initialize_config_module
 class TrainingTrace(L.Callback):
     def __init__(self, path: Path):
         self.path = path
-        self.rows: list[dict] = []
+        self.rows_written = 0
         self.logits: torch.Tensor | None = None
         self.grads: dict = {}
 
@@ -78,22 +79,56 @@ class TrainingTrace(L.Callback):
         }
         if not math.isnan(row["log_scale"]):
             row["log_scale"] = math.log(row["log_scale"])
-        new = not self.rows
-        self.rows.append(row)
-        with open(self.path, "w" if new else "a", newline="") as file:  # row by row: a stopped run keeps its trace
+        with open(self.path, "a" if self.rows_written else "w", newline="") as file:  # a stopped run keeps its trace
             writer = csv.DictWriter(file, fieldnames=list(row))
-            if new:
+            if not self.rows_written:
                 writer.writeheader()
             writer.writerow(row)
+        self.rows_written += 1
 
 
 def optimizer_lr(trainer) -> float:
     return float(trainer.optimizers[0].param_groups[0]["lr"])
 
 
+PLOTTED = (("kl", "KL per sub-pixel (nats)", "linear"), ("posterior_entropy", "posterior entropy (nats)", "linear"),
+           ("batch_perplexity_tokens", "batch perplexity (argmax)", "log"),
+           ("logit_margin", "logit margin, top-1 minus top-2", "log"),
+           ("grad_encoder", "gradient norm reaching the encoder", "log"), ("nll", "reconstruction nll", "linear"),
+           ("log_scale", "ln b (mean)", "linear"), ("tau", "temperature and KL weight", "linear"))
+
+
+def plot(out: Path, traces: list[Path]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7), dpi=100)
+    for trace in traces:
+        with open(trace, newline="") as file:
+            rows = list(csv.DictReader(file))
+        steps = [int(r["step"]) for r in rows]
+        for ax, (key, title, scale) in zip(axes.flat, PLOTTED):
+            ax.plot(steps, [float(r[key]) for r in rows], label=trace.stem, linewidth=1)
+            if key == "tau":
+                ax.plot(steps, [float(r["beta"]) for r in rows], linestyle="--", linewidth=1)
+            ax.set_title(title, fontsize=10)
+            ax.set_yscale(scale)
+    for ax in axes[1]:
+        ax.set_xlabel("update")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    print(f"plot: {out}")
+
+
 def main(argv: list[str]) -> None:
     if not argv:
         sys.exit(__doc__)
+    if argv[0] == "--plot":
+        plot(Path(argv[1]), [Path(a) for a in argv[2:]])
+        return
     out, overrides = Path(argv[0]), argv[1:]
     from dvae.train import train
 

@@ -32,7 +32,7 @@ def sweep_dir(tmp_path):
     common = ["scale=constant", "data=shapes"]
     make_job(sweep / "0", ["scale.value=0.05", *common], METRICS)
     make_job(sweep / "1", ["scale.value=0.2", *common])                            # still running
-    make_job(sweep / "2", ["scale.value=0.4", *common], metrics='{"psnr": 2')      # half-written
+    make_job(sweep / "2", ["scale.value=0.4", *common], metrics='{"psnr": 2')      # damaged
     make_job(sweep / "3", ["scale.value=0.8", *common],
              status={"status": "failed", "error": "RuntimeError: out of memory"})
     make_job(sweep / "10", ["scale.value=1.6", *common], {**METRICS, "psnr": 25.0, "bits_per_dim": None})
@@ -45,7 +45,7 @@ def test_report_tabulates_finished_jobs_and_lists_the_others(sweep_dir, capsys):
     main([str(sweep_dir)])
     text = (sweep_dir / "report.md").read_text()
     assert text in capsys.readouterr().out  # the table is printed too
-    assert "5 job(s): 2 finished, 1 failed, 2 unfinished." in text
+    assert "5 job(s): 2 finished, 1 failed, 1 unfinished, 1 damaged." in text
     assert "Common overrides: `scale=constant data=shapes`." in text
     header = ("| job | scale.value | PSNR | mean-colour PSNR | edge PSNR | bits/dim | perplexity | codes used "
               "| steps | wall s |")
@@ -54,7 +54,8 @@ def test_report_tabulates_finished_jobs_and_lists_the_others(sweep_dir, capsys):
     assert "| 10 | 1.6 | 25.00 | 18.25 | 15.75 | – |" in text  # jobs in numeric order, no bits/dim for L1/MSE
     assert text.index("| 0 |") < text.index("| 10 |")
     assert "- job 3 (scale.value=0.8): RuntimeError: out of memory" in text
-    assert "- job 1 (scale.value=0.2)" in text and "- job 2 (scale.value=0.4)" in text
+    assert "- job 1 (scale.value=0.2)\n" in text
+    assert f"- job 2 (scale.value=0.4): {sweep_dir / '2' / 'metrics.json'} is damaged (not a JSON object)" in text
     assert "| 1 |" not in text and "| 2 |" not in text
     with Image.open(sweep_dir / "report.png") as image:
         assert image.format == "PNG" and image.width > 400
