@@ -29,6 +29,7 @@ from .files import atomic_write
 COLUMNS = {
     "psnr": ("PSNR", "{:.2f}"),
     "psnr_mean_color": ("mean-colour PSNR", "{:.2f}"),
+    "gain": ("gain dB", "{:+.2f}"),
     "psnr_edges": ("edge PSNR", "{:.2f}"),
     "bits_per_dim": ("bits/dim", "{:.3f}"),
     "perplexity": ("perplexity", "{:.1f}"),
@@ -38,6 +39,8 @@ COLUMNS = {
 }
 PLOTTED = ("psnr", "psnr_mean_color", "psnr_edges", "bits_per_dim", "perplexity", "codes_used_fraction")
 AVERAGED = ("psnr", "psnr_edges", "psnr_mean_color", "bits_per_dim", "perplexity", "codes_used_fraction")
+# the recipe check (experiment=recipe_check): min and median over seeds of what decides whether a run is usable
+SEED_SUMMARY = ("gain", "psnr", "codes_used_fraction", "perplexity", "wall_seconds")
 JOB_FILES = ("metrics.json", "config.yaml", "status.json", "error.txt", ".hydra/overrides.yaml")
 
 
@@ -78,6 +81,9 @@ def load_job(job_dir: Path) -> Job:
     status = _read_json(job_dir / "status.json") or {}
     if metrics is not None:
         job.metrics, job.status = metrics, "finished"
+        psnr, mean_color = _number(metrics.get("psnr")), _number(metrics.get("psnr_mean_color"))
+        if psnr is not None and mean_color is not None:  # the gain over the mean-colour baseline
+            metrics.setdefault("gain", psnr - mean_color)
     elif (job_dir / "metrics.json").is_file():  # written once, at the end of a run: not one still running
         job.status = "damaged"
         job.error = f"{job_dir / 'metrics.json'} is damaged (not a JSON object); rerun the job or restore the file"
@@ -188,6 +194,9 @@ def render(directory: Path, jobs: list[Job]) -> str:
                 cells.append(_mean_std(metric, values))
             rows.append([*combo, str(len(members)), *cells])
         lines += _table([*groups, "seeds", *(COLUMNS[m][0] for m in AVERAGED)], rows)
+    if "seed" in keys and finished:
+        lines += ["", "Min / median over seeds" + (f" ({', '.join(groups)})" if groups else "") + ":", ""]
+        lines += _table([*groups, "seeds", *(COLUMNS[m][0] for m in SEED_SUMMARY)], _seed_summary(finished, groups))
     if failed:
         lines += ["", "Failed jobs:", ""]
         lines += [f"- job {j.name} ({_describe(j, keys)}): {j.error or 'unknown error'}" for j in failed]
@@ -198,6 +207,21 @@ def render(directory: Path, jobs: list[Job]) -> str:
         lines += ["", "Unfinished jobs (no metrics.json yet):", ""]
         lines += [f"- job {j.name} ({_describe(j, keys)})" for j in unfinished]
     return "\n".join(lines) + "\n"
+
+
+def _seed_summary(finished: list[Job], groups: list[str]) -> list[list[str]]:
+    combos: dict[tuple, list[Job]] = {}
+    for job in finished:
+        combos.setdefault(tuple(job.overrides.get(k, "") for k in groups), []).append(job)
+    rows = []
+    for combo, members in combos.items():
+        cells = []
+        for metric in SEED_SUMMARY:
+            values = [v for v in (_number(m.metrics.get(metric)) for m in members) if v is not None]
+            fmt = COLUMNS[metric][1]
+            cells.append(f"{fmt.format(min(values))} / {fmt.format(statistics.median(values))}" if values else "–")
+        rows.append([*combo, str(len(members)), *cells])
+    return rows
 
 
 def _x_key(keys: list[str], jobs: list[Job]) -> str | None:

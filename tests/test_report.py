@@ -47,11 +47,11 @@ def test_report_tabulates_finished_jobs_and_lists_the_others(sweep_dir, capsys):
     assert text in capsys.readouterr().out  # the table is printed too
     assert "5 job(s): 2 finished, 1 failed, 1 unfinished, 1 damaged." in text
     assert "Common overrides: `scale=constant data=shapes`." in text
-    header = ("| job | scale.value | PSNR | mean-colour PSNR | edge PSNR | bits/dim | perplexity | codes used "
+    header = ("| job | scale.value | PSNR | mean-colour PSNR | gain dB | edge PSNR | bits/dim | perplexity | codes used "
               "| steps | wall s |")
     assert header in text
-    assert "| 0 | 0.05 | 21.50 | 18.25 | 15.75 | 6.500 | 30.0 | 0.125 | 300 | 42.0 |" in text
-    assert "| 10 | 1.6 | 25.00 | 18.25 | 15.75 | – |" in text  # jobs in numeric order, no bits/dim for L1/MSE
+    assert "| 0 | 0.05 | 21.50 | 18.25 | +3.25 | 15.75 | 6.500 | 30.0 | 0.125 | 300 | 42.0 |" in text
+    assert "| 10 | 1.6 | 25.00 | 18.25 | +6.75 | 15.75 | – |" in text  # jobs in numeric order, no bits/dim for L1/MSE
     assert text.index("| 0 |") < text.index("| 10 |")
     assert "- job 3 (scale.value=0.8): RuntimeError: out of memory" in text
     assert "- job 1 (scale.value=0.2)\n" in text
@@ -122,3 +122,14 @@ def test_edge_psnr_counts_only_pixels_near_strong_gradients():
     metric.reset()
     metric.update(torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8))
     assert torch.isnan(metric.compute())  # no edge at all
+
+
+def test_a_seed_sweep_reports_min_and_median_over_seeds(tmp_path):
+    sweep = tmp_path / "recipe"
+    for seed, (psnr, used, wall) in enumerate([(24.0, 0.5, 100.0), (20.0, 0.002, 90.0), (25.0, 0.6, 120.0)]):
+        make_job(sweep / str(seed), [f"seed={seed}"],
+                 {**METRICS, "psnr": psnr, "codes_used_fraction": used, "wall_seconds": wall})
+    text = write_report(sweep, make_plot=False)
+    assert "Min / median over seeds:" in text
+    assert "| seeds | gain dB | PSNR | codes used | perplexity | wall s |" in text
+    assert "| 3 | +1.75 / +5.75 | 20.00 / 24.00 | 0.002 / 0.500 | 30.0 / 30.0 | 90.0 / 100.0 |" in text
