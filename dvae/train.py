@@ -354,6 +354,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     from .checkpointing import Interrupted, RunCheckpoints
     from .data import build_datamodule
     from .resume import checkpoint_step, resolve_resume
+    from .usage import run_verdict
 
     if run_dir is None:
         run_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
@@ -428,11 +429,15 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
         "world_size": trainer.world_size,
         "wall_seconds": round(wall, 2),
     }
+    metrics["gain"] = metrics["psnr"] - metrics["psnr_mean_color"]
+    metrics["healthy"], verdict = run_verdict(metrics["gain"], metrics["codes_used_fraction"], int(cfg.model.K),
+                                              float(cfg.codebook.collapse_below))
     bad_files = datamodule.bad_files()
     metrics["bad_files"] = len(bad_files)
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print_summary(metrics, run_dir)
+        print(f"dvae-train: {verdict}", file=sys.stderr)
         if bad_files:
             (run_dir / "bad_files.txt").write_text("".join(f"{path}\t{why}\n" for path, why in bad_files))
             print(f"dvae-train: {len(bad_files)} unreadable file(s) were skipped; they are listed in "

@@ -98,3 +98,14 @@ def reseed_codes(encoder_out: nn.Conv2d, codebook: nn.Conv2d, dead: Tensor, sour
 def copy_rows(tensor: Tensor, dim: int, dead: Tensor, sources: Tensor) -> None:
     """tensor[dead] = tensor[sources] along `dim`: for the optimiser's moments of re-seeded codes."""
     tensor.index_copy_(dim, dead, tensor.index_select(dim, sources))
+
+
+def run_verdict(gain_db: float, codes_used_fraction: float, K: int, collapse_below: float) -> tuple[bool, str]:
+    """(healthy, one sentence) for the end of a run: the reconstructions must beat the mean-colour baseline
+    and the validation tokens must use at least `collapse_below` of the K codes."""
+    used = round(codes_used_fraction * K)
+    facts = f"{gain_db:+.2f} dB over the mean-colour baseline, {used} of {K} codes used on the validation set"
+    if gain_db > 0 and codes_used_fraction >= collapse_below:
+        return True, f"the run is healthy: {facts}."
+    return False, (f"the run is NOT healthy: {facts}; the tokens carry little information. Try "
+                   "codebook.usage_weight and codebook.reseed_every (docs/collapse.md).")

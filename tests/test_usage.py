@@ -132,3 +132,31 @@ def test_usage_histogram_is_a_png(tmp_path):
     path = tmp_path / "usage.png"
     save_usage_histogram(torch.tensor([5, 0, 1, 9]), path, "validation tokens")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_module_reseeding_moves_model_ema_and_optimizer_moments_together():
+    torch.manual_seed(0)
+    module = small_module(reseed_every=1, usage_window=1)
+    optimizer = torch.optim.AdamW(module.model.parameters(), lr=1e-3)
+    module.model(torch.rand(2, 3, 8, 8), 1.0).mu.sum().backward()
+    optimizer.step()
+    module.optimizers = lambda: optimizer
+    module.usage.add(torch.tensor([1, 1, 2]))
+    out, codes = module.model.encoder.blocks.output.conv, module.model.decoder.blocks.input
+    ema_out = module.ema_model.encoder.blocks.output.conv
+    before = {name: t.detach().clone() for name, t in
+              (("w", out.weight), ("b", out.bias), ("c", codes.weight), ("ema", ema_out.weight),
+               ("m", optimizer.state[out.weight]["exp_avg"]))}
+    assert module.reseed_dead_codes(step=5) == 14
+    dead = [k for k in range(16) if k not in (1, 2)]
+    for alive in (1, 2):
+        assert torch.equal(out.weight[alive], before["w"][alive])
+        assert torch.equal(ema_out.weight[alive], before["ema"][alive])
+        assert torch.equal(optimizer.state[out.weight]["exp_avg"][alive], before["m"][alive])
+    for k in dead:
+        assert not torch.equal(out.weight[k], before["w"][k])
+        assert torch.equal(ema_out.weight[k], out.weight[k])  # the validated copy is the new code at once
+        moment = optimizer.state[out.weight]["exp_avg"][k]
+        assert torch.equal(moment, before["m"][1]) or torch.equal(moment, before["m"][2])
+        nearest = min((1, 2), key=lambda s: float((out.weight[k] - before["w"][s]).norm()))
+        assert torch.equal(moment, before["m"][nearest])  # the moments of the code it copied
