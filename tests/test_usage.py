@@ -158,5 +158,5 @@ def test_module_reseeding_moves_model_ema_and_optimizer_moments_together():
         assert torch.equal(ema_out.weight[k], out.weight[k])  # the validated copy is the new code at once
         moment = optimizer.state[out.weight]["exp_avg"][k]
         assert torch.equal(moment, before["m"][1]) or torch.equal(moment, before["m"][2])
-        nearest = min((1, 2), key=lambda s: float((out.weight[k] - before["w"][s]).norm()))
+        nearest = min((1, 2), key=lambda s: float((out.weight[k].detach() - before["w"][s]).norm()))
         assert torch.equal(moment, before["m"][nearest])  # the moments of the code it copied
