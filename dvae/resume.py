@@ -59,7 +59,7 @@ def resolve_resume(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tupl
             raise ConfigError(f"{override} cannot change the {key} of the run being resumed; drop it, or start a "
                               "new run without resume=.")
         if key in BATCH_KEYS:
-            check_same_batches(saved, cfg, f"resume={value}")
+            check_same_batches(saved, cfg, f"resume={value}", (key,))
         with open_dict(saved):
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
     with open_dict(saved):
@@ -81,10 +81,10 @@ def _load_run_config(path: Path, option: str) -> DictConfig:
     return saved
 
 
-def check_same_batches(saved: DictConfig, cfg: DictConfig, option: str) -> None:
+def check_same_batches(saved: DictConfig, cfg: DictConfig, option: str, keys: tuple[str, ...] = BATCH_KEYS) -> None:
     """A run resumes with the batch size and number of processes its checkpoint's data position was counted in
     (the loader refuses otherwise, but only inside fit, after the run directory has been written to)."""
-    for key in BATCH_KEYS:
+    for key in keys:
         before, now = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
         if before is not None and before != now:
             raise ConfigError(f"{key}={now} differs from the {before} of the run being resumed ({option}); a run "

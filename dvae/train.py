@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import json
@@ -333,9 +334,15 @@ class RunDirCheck(Callback):
     callback's exceptions into warnings, so a refusal exits here."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from .resume import readable_step, resolve_resume
+
         run_dir = Path(str(config.hydra.run.dir))
         try:
-            if not config.get("resume"):  # resume=RUN: this directory only gets the command's own .hydra/
+            if config.get("resume"):  # the resume checks that train() repeats, before .hydra/ can land in the run
+                _, _, checkpoint = resolve_resume(config, run_dir, list(config.hydra.overrides.task))
+                if checkpoint is not None:
+                    readable_step(checkpoint)
+            else:
                 check_new_run_dir(config, run_dir, hydra_files(config.hydra))
             check_writable(run_dir)
         except ConfigError as error:
@@ -534,6 +541,18 @@ def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list
     )
 
 
+@contextlib.contextmanager
+def damaged_config_refused(resumed: DictConfig | None):
+    """A key missing from a resumed run's config.yaml (damaged or hand-edited) is one sentence, not a traceback."""
+    try:
+        yield
+    except ConfigAttributeError as error:
+        if resumed is None:
+            raise
+        raise ConfigError(f"resume={resumed.resume}: its config.yaml has no {error.full_key}, so it is damaged; "
+                          "restore it from a copy, or start a new run without resume=.") from None
+
+
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     """Train one dVAE; returns the final validation value of `cfg.optimized_metric` (default psnr),
     what sweepers optimise (NaN where the run has no such value)."""
@@ -555,21 +574,16 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     hydra_dir = hydra_cfg is not None and Path(hydra_cfg.runtime.output_dir).resolve() == run_dir.resolve()
     check_new_run_dir(cfg, run_dir, hydra_files(hydra_cfg) if hydra_dir else set(),
                       "hydra.sweep.dir" if in_multirun() else "hydra.run.dir")
-    try:
+    with damaged_config_refused(cfg if resume_from is not None else None):
         apply_scale_shorthand(cfg, overrides)
         pretrained = load_init_from(cfg) if resume_from is None else None
         validate_config(cfg)
-    except ConfigAttributeError as error:  # a key missing from a damaged or hand-edited config.yaml
-        if resume_from is None:
-            raise
-        raise ConfigError(f"resume={cfg.resume}: its config.yaml has no {error.full_key}, so it is damaged; restore "
-                          "it from a copy, or start a new run without resume=.") from None
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    try:
-        module = build_module(cfg)
-    except (ValueError, TypeError) as error:  # a setting the model or a schedule refuses, e.g. scale.log_floor=nan
-        raise ConfigError(f"{error}") from error
-    datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        try:
+            module = build_module(cfg)
+        except (ValueError, TypeError) as error:  # a setting the model or a schedule refuses, e.g. scale.log_floor=nan
+            raise ConfigError(f"{error}") from error
+        datamodule = build_datamodule(cfg.data, seed=cfg.seed)
     check_writable(run_dir)
     if rank_zero():
         if cfg.get("overwrite_run_dir") and not cfg.get("resume"):
