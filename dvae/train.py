@@ -197,12 +197,12 @@ def check_rules(cfg: DictConfig, rules: dict[str, Any] = RULES) -> None:
     for key, rule in rules.items():
         try:
             value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
+            if value is _ABSENT or rule.accepts(value):
+                continue
+            shown = f"[{', '.join(map(repr, value))}]" if isinstance(value, ListConfig) else repr(value)
         except OmegaConfBaseException as error:  # e.g. an interpolation that does not resolve, or ???
             reason = str(error).splitlines()[0].rstrip(".")
             raise ConfigError(f"{key} has no usable value ({reason}); give it {rule.need}.") from None
-        if value is _ABSENT or rule.accepts(value):
-            continue
-        shown = f"[{', '.join(map(repr, value))}]" if isinstance(value, ListConfig) else repr(value)
         hint = f"; {rule.hint}" if rule.hint else ""
         raise ConfigError(f"{key}={shown} must be {rule.need}{hint}.")
 
