@@ -10,9 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib.util
 import json
+import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -24,7 +28,9 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 
 from .errors import ConfigError, TrainingError
 from .loggers import build_loggers, close_loggers, rank_zero
@@ -47,15 +53,169 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 
 
-def _number(cfg: DictConfig, key: str) -> float:
-    value = OmegaConf.select(cfg, key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r} must be a number.")
-    return float(value)
+class Rule:
+    """What a numeric key accepts: an integer (`int`) or any finite number (`float`), between `low` and
+    `high` (inclusive unless `low_open` / `high_open`), or null where `none` (the feature is off)."""
+
+    def __init__(self, kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                 high_open: bool = False, none: bool = False, hint: str = ""):
+        self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
+        self.none, self.hint = none, hint
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.none
+        if isinstance(value, bool) or not isinstance(value, int if self.kind is int else (int, float)):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    @property
+    def need(self) -> str:
+        text = "an integer" if self.kind is int else "a number"
+        low, high = (f"{bound:g}" if isinstance(bound, float) else str(bound) for bound in (self.low, self.high))
+        if self.low is not None and self.low == self.high:
+            return low
+        if self.low is not None and self.high is not None:
+            text += f" in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text += f" {'>' if self.low_open else '>='} {low}"
+        elif self.high is not None:
+            text += f" {'<' if self.high_open else '<='} {high}"
+        return text + (" or null" if self.none else "")
+
+
+class AnyOf:
+    """A key that takes several forms, e.g. an integer count or a fraction."""
+
+    def __init__(self, *rules: Any, hint: str = "", need: str = ""):
+        self.rules, self.hint, self._need = rules, hint, need
+
+    def accepts(self, value: Any) -> bool:
+        return any(rule.accepts(value) for rule in self.rules)
+
+    @property
+    def need(self) -> str:
+        return self._need or " or ".join(rule.need for rule in self.rules)
+
+
+class Words:
+    """A string from a fixed set (`trainer.devices=auto`)."""
+
+    hint = ""
+
+    def __init__(self, *words: str):
+        self.words = words
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, str) and value in self.words
+
+    @property
+    def need(self) -> str:
+        return " or ".join(repr(word) for word in self.words)
+
+
+class NumberList:
+    """A non-empty list (of `length` items where given) whose every item `item` accepts."""
+
+    hint = ""
+
+    def __init__(self, item: Rule, length: int | None = None):
+        self.item, self.length = item, length
+
+    def accepts(self, value: Any) -> bool:
+        return (isinstance(value, (ListConfig, list, tuple)) and len(value) >= 1
+                and (self.length is None or len(value) == self.length) and all(self.item.accepts(v) for v in value))
+
+    @property
+    def need(self) -> str:
+        return f"a list of {self.length or 'one or more'} items, each {self.item.need}"
+
+
+# Every numeric key and what it accepts, checked first and in this order (trainer.max_steps before the
+# schedules that take their length from it, so an error names the key the user typed). A key absent from
+# the config (another data source's option) is skipped. A new numeric option is one line here.
+RULES: dict[str, Any] = {
+    "seed": Rule(int, 0, 2**32 - 1),
+    "trainer.max_steps": Rule(int, 1),
+    "trainer.max_epochs": Rule(int, -1, hint="-1 means no limit"),
+    "trainer.val_check_interval": AnyOf(Rule(int, 1), Rule(float, 0, 1, low_open=True),
+                                        hint="it counts updates, or a fraction of an epoch"),
+    "trainer.check_val_every_n_epoch": Rule(int, 1, none=True),
+    "trainer.devices": AnyOf(Rule(int, 1), Rule(int, -1, -1), Words("auto"), NumberList(Rule(int, 0)),
+                             need="a number of devices, -1 (all), 'auto' or a list of device indices"),
+    "trainer.num_nodes": Rule(int, 1),
+    "trainer.log_every_n_steps": Rule(int, 1),
+    "trainer.gradient_clip_val": Rule(float, 0, none=True),
+    "trainer.num_sanity_val_steps": Rule(int, -1),
+    "data.channels": Rule(int, 1, 4),
+    "data.crop_size": Rule(int, 1),
+    "data.batch_size": Rule(int, 1),
+    "data.val_batch_size": Rule(int, 1, none=True),
+    "data.num_workers": Rule(int, 0),
+    "data.train_samples": Rule(int, 1),
+    "data.val_samples": Rule(int, 1),
+    "data.min_scale": Rule(float, 0, 1, low_open=True),
+    "data.val_fraction": Rule(float, 0, 1, high_open=True),
+    "data.shuffle_buffer": Rule(int, 1),
+    "model.n_hid": Rule(int, 1),
+    "model.blocks_per_group": Rule(int, 1),
+    "model.groups": Rule(int, 1, 16, hint="the downsampling factor is 2**(groups-1)"),
+    "model.K": Rule(int, 2),
+    "model.n_init": Rule(int, 1),
+    "scale.value": Rule(float, 0, low_open=True, none=True, hint="the Laplace scale b is positive (the seed used 0.1)"),
+    "scale.start": Rule(float, 0, low_open=True, hint="the Laplace scale b is positive"),
+    "scale.end": Rule(float, 0, low_open=True, hint="the Laplace scale b is positive"),
+    "scale.steps": Rule(int, 0),
+    "scale.log_floor": Rule(float, none=True),
+    "pixel_eps": Rule(float, 0, 0.5, high_open=True, hint="the paper uses 0.1"),
+    "checkpoint.every_n_steps": Rule(int, 1),
+    "guard.max_bad_steps": Rule(int, 1),
+    "optim.lr": Rule(float, 0, low_open=True),
+    "optim.lr_end": Rule(float, 0),
+    "optim.warmup_steps": Rule(int, 0),
+    "optim.steps": Rule(int, 0),
+    "optim.betas": NumberList(Rule(float, 0, 1, high_open=True), length=2),
+    "optim.eps": Rule(float, 0, low_open=True),
+    "optim.weight_decay": Rule(float, 0),
+    "temperature.start": Rule(float, 0, low_open=True, hint="the Gumbel-softmax temperature is positive"),
+    "temperature.end": Rule(float, 0, low_open=True, hint="the Gumbel-softmax temperature is positive"),
+    "temperature.steps": Rule(int, 0),
+    "kl_weight.start": Rule(float, 0),
+    "kl_weight.end": Rule(float, 0),
+    "kl_weight.steps": Rule(int, 0),
+    "ema.decay": Rule(float, 0, 1, high_open=True, hint="the paper uses 0.999"),
+    "codebook.usage_weight": Rule(float, 0, hint="0 turns the batch-usage term off"),
+    "codebook.reseed_every": Rule(int, 0, hint="0 turns re-seeding off"),
+    "codebook.window": Rule(int, 1),
+    "codebook.collapse_below": Rule(float, 0, 1, hint="it is a fraction of the codebook; 0 turns the warning off"),
+}
+_ABSENT = object()
+
+
+def check_rules(cfg: DictConfig, rules: dict[str, Any] = RULES) -> None:
+    """Refuse the first key whose value its rule does not accept, naming the key."""
+    for key, rule in rules.items():
+        try:
+            value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
+            if value is _ABSENT or rule.accepts(value):
+                continue
+            shown = f"[{', '.join(map(repr, value))}]" if isinstance(value, ListConfig) else repr(value)
+        except OmegaConfBaseException as error:  # e.g. an interpolation that does not resolve, or ???
+            reason = str(error).splitlines()[0].rstrip(".")
+            raise ConfigError(f"{key} has no usable value ({reason}); give it {rule.need}.") from None
+        hint = f"; {rule.hint}" if rule.hint else ""
+        raise ConfigError(f"{key}={shown} must be {rule.need}{hint}.")
 
 
 def validate_config(cfg: DictConfig) -> None:
     """Refuse a run that cannot work, with one sentence naming the key, before any training."""
+    check_rules(cfg)
+    if not isinstance(cfg.codebook.stop_on_collapse, bool):
+        raise ConfigError(f"codebook.stop_on_collapse={cfg.codebook.stop_on_collapse!r} must be true or false.")
     if cfg.loss not in LOSSES:
         raise ConfigError(f"loss={cfg.loss} is not known; use one of {', '.join(LOSSES)}.")
     mode = cfg.scale.mode
@@ -66,17 +226,12 @@ def validate_config(cfg: DictConfig) -> None:
                 "drop scale=learned or use scale=constant to train with a fixed scale."
             )
     elif mode == "constant":
-        if _number(cfg, "scale.value") <= 0:
-            raise ConfigError(
-                f"scale.value={cfg.scale.value} must be > 0; the Laplace scale b is positive (the seed used 0.1)."
-            )
+        if cfg.scale.get("value") is None:
+            raise ConfigError("scale=constant needs scale.value, the fixed Laplace scale b (the seed used 0.1).")
     elif mode in KINDS:
-        for key in ("scale.start", "scale.end"):
-            if _number(cfg, key) <= 0:
-                value = OmegaConf.select(cfg, key)
-                raise ConfigError(f"{key}={value} must be > 0; the Laplace scale b is positive.")
-        if _number(cfg, "scale.steps") < 0:
-            raise ConfigError(f"scale.steps={cfg.scale.steps} must be >= 0.")
+        for key in ("scale.start", "scale.end", "scale.steps"):
+            if OmegaConf.select(cfg, key) is None:
+                raise ConfigError(f"scale={mode} needs {key}.")
     else:
         raise ConfigError(f"scale.mode={mode} is not known; use scale=learned, constant, linear, cosine, exponential.")
     factor = 2 ** (int(cfg.model.groups) - 1)
@@ -106,11 +261,6 @@ def validate_config(cfg: DictConfig) -> None:
             f"data.batch_size={batch} is the global batch and must split evenly over the {world} processes "
             f"(trainer.devices x trainer.num_nodes); use data.batch_size={max(world, round(batch / world) * world)}."
         )
-    validate_codebook(cfg)
-    for key in ("checkpoint.every_n_steps", "guard.max_bad_steps"):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{key}={value!r} must be a positive integer.")
     metric = cfg.get("optimized_metric", "psnr")
     if metric not in OPTIMIZABLE:
         raise ConfigError(f"optimized_metric={metric} is not known; use one of {', '.join(OPTIMIZABLE)}.")
@@ -119,25 +269,6 @@ def validate_config(cfg: DictConfig) -> None:
             f"optimized_metric=bits_per_dim needs loss=logit_laplace (loss={cfg.loss} is not a density); "
             "use optimized_metric=psnr."
         )
-
-
-def validate_codebook(cfg: DictConfig) -> None:
-    """The `codebook.*` keys: the anti-collapse remedies and the usage monitor."""
-    weight = _number(cfg, "codebook.usage_weight")
-    if not 0 <= weight < float("inf"):
-        raise ConfigError(f"codebook.usage_weight={cfg.codebook.usage_weight} must be a finite number >= 0 "
-                          "(0 turns the batch-usage term off).")
-    for key, low in (("codebook.reseed_every", 0), ("codebook.window", 1)):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"{key}={value!r} must be an integer >= {low}"
-                              + (" (0 turns re-seeding off)." if low == 0 else "."))
-    threshold = _number(cfg, "codebook.collapse_below")
-    if not 0 <= threshold <= 1:
-        raise ConfigError(f"codebook.collapse_below={cfg.codebook.collapse_below} must be a fraction of the "
-                          "codebook in [0, 1] (0 turns the warning off).")
-    if not isinstance(cfg.codebook.stop_on_collapse, bool):
-        raise ConfigError(f"codebook.stop_on_collapse={cfg.codebook.stop_on_collapse!r} must be true or false.")
 
 
 def world_size(cfg: DictConfig) -> int | None:
@@ -158,6 +289,81 @@ def check_writable(run_dir: Path) -> None:
     except OSError as error:
         raise ConfigError(f"the run directory {run_dir} cannot be written ({error.strerror or error}); "
                           "set hydra.run.dir (or hydra.sweep.dir) to a writable place.") from error
+
+
+# What a run writes into its directory (next to Hydra's own .hydra/ and job log); overwrite_run_dir=true
+# deletes these, once every check has passed, before a new run starts there.
+RUN_OUTPUTS = ("config.yaml", "metrics.json", "bad_files.txt", "wandb-run-id.txt", "checkpoints", "images", "logs",
+               "tensorboard", "wandb")
+
+
+def hydra_files(hydra_cfg: Any) -> set[str]:
+    """The names Hydra itself writes into a job's directory before dvae runs (.hydra/, JOB.log)."""
+    if hydra_cfg is None:
+        return set()
+    names = {f"{hydra_cfg.job.name}.log"}
+    if hydra_cfg.get("output_subdir"):
+        names.add(str(hydra_cfg.output_subdir))
+    return names
+
+
+def check_new_run_dir(cfg: DictConfig, run_dir: Path, ignore: set[str] = frozenset(),
+                      dir_key: str = "hydra.run.dir") -> None:
+    """Refuse to start a new run in a directory that already holds files (an earlier run's), so that
+    nothing there is replaced; `resume=` and `overwrite_run_dir=true` are the ways to use such a directory."""
+    if cfg.get("resume") or cfg.get("overwrite_run_dir") is True or not rank_zero():
+        return  # ranks > 0 start after rank 0 has written the run's first files
+    if not isinstance(cfg.get("overwrite_run_dir"), bool):
+        raise ConfigError(f"overwrite_run_dir={cfg.get('overwrite_run_dir')!r} must be true or false.")
+    held = sorted(p.name for p in run_dir.iterdir() if p.name not in ignore) if run_dir.is_dir() else []
+    if held:
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise ConfigError(
+            f"the run directory {run_dir} already holds files ({shown}); continue that run with "
+            f"resume={run_dir}, choose a new {dir_key}, or add overwrite_run_dir=true to delete the earlier run there."
+        )
+
+
+def clear_run_outputs(run_dir: Path) -> None:
+    """overwrite_run_dir=true: remove an earlier run's outputs (only those, see RUN_OUTPUTS)."""
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+class RunDirCheck(Callback):
+    """A Hydra callback: checks hydra.run.dir (or hydra.sweep.dir) before Hydra creates it and writes its
+    .hydra/ files there, so that a refused run changes nothing in a directory that is taken. Hydra turns a
+    callback's exceptions into warnings, so a refusal exits here."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from .resume import readable_step, resolve_resume
+
+        run_dir = Path(str(config.hydra.run.dir))
+        try:
+            if config.get("resume"):  # the resume checks that train() repeats, before .hydra/ can land in the run
+                _, _, checkpoint = resolve_resume(config, run_dir, list(config.hydra.overrides.task))
+                if checkpoint is not None:
+                    readable_step(checkpoint)
+            else:
+                check_new_run_dir(config, run_dir, hydra_files(config.hydra))
+            check_writable(run_dir)
+        except ConfigError as error:
+            exit_with(error)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_writable(Path(str(config.hydra.sweep.dir)))
+        except ConfigError as error:
+            exit_with(error)
+
+
+def exit_with(error: ConfigError) -> None:
+    print(f"dvae-train: error: {error}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _hydra_config():
@@ -343,6 +549,18 @@ def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list
     )
 
 
+@contextlib.contextmanager
+def damaged_config_refused(resumed: DictConfig | None):
+    """A key missing from a resumed run's config.yaml (damaged or hand-edited) is one sentence, not a traceback."""
+    try:
+        yield
+    except ConfigAttributeError as error:
+        if resumed is None:
+            raise
+        raise ConfigError(f"resume={resumed.resume}: its config.yaml has no {error.full_key}, so it is damaged; "
+                          "restore it from a copy, or start a new run without resume=.") from None
+
+
 def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: list | None = None) -> float:
     """Train one dVAE; returns the final validation value of `cfg.optimized_metric` (default psnr),
     what sweepers optimise (NaN where the run has no such value). `extra_callbacks` are added to the
@@ -353,30 +571,38 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     from .callbacks import CodebookMonitor, ReconstructionGrid
     from .checkpointing import Interrupted, RunCheckpoints
     from .data import build_datamodule
-    from .resume import checkpoint_step, resolve_resume
+    from .resume import checkpoint_step, readable_step, resolve_resume
     from .usage import run_verdict
 
+    hydra_cfg = _hydra_config()
     if run_dir is None:
-        run_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
+        run_dir = hydra_cfg.runtime.output_dir
+    # Every check first, then the first write: a refused run leaves the run directory as it was.
     overrides = _command_line_overrides()
     cfg, run_dir, resume_from = resolve_resume(cfg, Path(run_dir), overrides)
-    apply_scale_shorthand(cfg, overrides)
-    pretrained = load_init_from(cfg) if resume_from is None else None
-    validate_config(cfg)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    try:
-        module = build_module(cfg)
-    except (ValueError, TypeError) as error:  # a setting the model or a schedule refuses, e.g. scale.log_floor=nan
-        raise ConfigError(f"{error}") from error
-    datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    resume_step = readable_step(resume_from) if resume_from is not None else None
+    hydra_dir = hydra_cfg is not None and Path(hydra_cfg.runtime.output_dir).resolve() == run_dir.resolve()
+    check_new_run_dir(cfg, run_dir, hydra_files(hydra_cfg) if hydra_dir else set(),
+                      "hydra.sweep.dir" if in_multirun() else "hydra.run.dir")
+    with damaged_config_refused(cfg if resume_from is not None else None):
+        apply_scale_shorthand(cfg, overrides)
+        pretrained = load_init_from(cfg) if resume_from is None else None
+        validate_config(cfg)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        try:
+            module = build_module(cfg)
+        except (ValueError, TypeError) as error:  # a setting the model or a schedule refuses, e.g. scale.log_floor=nan
+            raise ConfigError(f"{error}") from error
+        datamodule = build_datamodule(cfg.data, seed=cfg.seed)
     check_writable(run_dir)
     if rank_zero():
+        if cfg.get("overwrite_run_dir") and not cfg.get("resume"):
+            clear_run_outputs(run_dir)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     if pretrained is not None:
         module.model.load_state_dict(pretrained.state_dict())
         module.ema.module.load_state_dict(pretrained.state_dict())
-    resume_step = checkpoint_step(resume_from) if resume_from is not None else None
     if resume_from is not None:  # checkpoints/ holds the run's own checkpoints: nothing to warn about
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
     if resume_from is not None and rank_zero():
@@ -471,14 +697,12 @@ def hydra_main(cfg: DictConfig) -> float:
     try:
         validate_sweep(cfg)
     except ConfigError as error:  # the same for every job: stop the sweep now
-        print(f"dvae-train: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(error)
     if not in_multirun():
         try:
             return train(cfg)
         except ConfigError as error:
-            print(f"dvae-train: error: {error}", file=sys.stderr)
-            sys.exit(2)
+            exit_with(error)
         except RunStopped as error:
             print(f"dvae-train: {error}", file=sys.stderr)
             sys.exit(error.exit_code)
@@ -497,14 +721,78 @@ def hydra_main(cfg: DictConfig) -> float:
     return value
 
 
+def _config_keys(overrides: list[str]) -> list[str]:
+    """Every dotted key of the config composed with the command line's group choices (defaults if they fail)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    choices = [o for o in overrides if "=" in o and "." not in o.partition("=")[0] and not o.startswith(("-", "hydra"))]
+    for attempt in (choices, []):
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_module(config_module="dvae.configs", version_base="1.3"):
+                cfg = compose(config_name="train", overrides=attempt)
+            break
+        except Exception:  # a bad choice among them: fall back to the defaults
+            continue
+    keys = []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for key, value in node.items_ex(resolve=False):
+            keys.append(f"{prefix}{key}")
+            if isinstance(value, DictConfig):
+                walk(value, f"{prefix}{key}.")
+
+    walk(cfg, "")
+    return keys
+
+
+def hydra_error(error: Exception, overrides: list[str]) -> str:
+    """Hydra's own message for a command line it could not compose, and a sentence with the nearest fix."""
+    from hydra.errors import MissingConfigException
+
+    text = str(error)
+    if isinstance(error.__cause__, OmegaConfBaseException):
+        text += "\n" + str(error.__cause__)
+    key = getattr(error.__cause__, "full_key", None)
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
+        group, _, option = str(error.missing_cfg_file).rpartition("/")
+        options = list(error.options or [])
+        near = difflib.get_close_matches(option, options, n=1)
+        advice = (f"did you mean {group}={near[0]}?" if near else f"use one of {', '.join(options)}." if options
+                  else "dvae-train --help lists the groups and their options.")
+        sentence = f"{group}={option} is not an option of {group}; {advice}"
+    elif key:
+        near = difflib.get_close_matches(key, _config_keys(overrides), n=1, cutoff=0.6)
+        advice = (f"did you mean {near[0]}?" if near
+                  else "dvae-train --cfg job lists every key.")
+        sentence = f"{key} is not a key of the config; {advice}"
+    else:
+        sentence = "the command line was not understood (see above); dvae-train --help shows the syntax."
+    return f"{text.rstrip()}\ndvae-train: error: {sentence}"
+
+
 def main() -> None:
-    """`dvae-train`: checks the optional sweep plugins first, then hands over to Hydra."""
+    """`dvae-train`: checks the optional sweep plugins first, then hands over to Hydra. Hydra's errors (an
+    unknown key or option) are raised to here instead of printed by Hydra, so that they exit with status 2."""
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    overrides = sys.argv[1:]
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        check_sweep_extra(sys.argv[1:])
-    except ConfigError as error:
-        print(f"dvae-train: error: {error}", file=sys.stderr)
+        check_sweep_extra(overrides)
+        hydra_main()
+    except ConfigError as error:  # check_sweep_extra, or RunDirCheck before Hydra writes the run directory
+        exit_with(error)
+    except (ConfigCompositionException, OverrideParseException) as error:
+        print(hydra_error(error, overrides), file=sys.stderr)
         sys.exit(2)
-    hydra_main()
+    finally:
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ def test_report_tabulates_finished_jobs_and_lists_the_others(sweep_dir, capsys):
     assert text in capsys.readouterr().out  # the table is printed too
     assert "5 job(s): 2 finished, 1 failed, 1 unfinished, 1 damaged." in text
     assert "Common overrides: `scale=constant data=shapes`." in text
-    header = ("| job | scale.value | PSNR | mean-colour PSNR | gain dB | edge PSNR | bits/dim | perplexity | codes used "
-              "| steps | wall s |")
+    header = ("| job | scale.value | PSNR | mean-colour PSNR | gain dB | edge PSNR | bits/dim | perplexity "
+              "| codes used | steps | wall s |")
     assert header in text
     assert "| 0 | 0.05 | 21.50 | 18.25 | +3.25 | 15.75 | 6.500 | 30.0 | 0.125 | 300 | 42.0 |" in text
     assert "| 10 | 1.6 | 25.00 | 18.25 | +6.75 | 15.75 | – |" in text  # jobs in numeric order, no bits/dim for L1/MSE
