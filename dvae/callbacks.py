@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
+from .codebook import perplexity
 from .errors import TrainingError
 
 
@@ -77,7 +78,7 @@ def save_usage_histogram(counts: torch.Tensor, path: Path, title: str) -> None:
     ax.set_xlim(-0.5, K - 0.5)
     ax.set_xlabel("codes, most used first")
     ax.set_ylabel("share of tokens")
-    ax.set_title(f"{title}: {used} of {K} codes used")
+    ax.set_title(f"{title}: {used} of {K} codes used, perplexity {float(perplexity(counts)):.1f}")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
