@@ -160,3 +160,27 @@ def test_module_reseeding_moves_model_ema_and_optimizer_moments_together():
         assert torch.equal(moment, before["m"][1]) or torch.equal(moment, before["m"][2])
         nearest = min((1, 2), key=lambda s: float((out.weight[k].detach() - before["w"][s]).norm()))
         assert torch.equal(moment, before["m"][nearest])  # the moments of the code it copied
+
+
+def race(usage_weight: float, updates: int = 20) -> int:
+    """The collapse in a second: the reconstruction (KL weight 0, as at the start of a run) on one batch of
+    smooth colour fields, AdamW at the default learning rate; how many codes the batch's argmax uses."""
+    torch.manual_seed(0)
+    fields = torch.rand(16, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    x = torch.nn.functional.interpolate(fields, size=16, mode="bilinear", align_corners=False)
+    module = DVAELightning(n_hid=16, K=64, n_init=16, usage_weight=usage_weight)
+    optimizer = torch.optim.AdamW(module.model.parameters(), lr=1e-2)
+    for _ in range(updates):
+        out = module.model(x, 1.0)
+        rec, _, _ = module.elbo_terms(module.model, x, out.logits, out.mu, out.log_scale)
+        loss = rec + usage_weight * batch_usage_deficit(out.logits) * out.logits[0, 0].numel() / x[0].numel()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return len(module.model.logits(x).argmax(dim=1).unique())
+
+
+def test_the_early_race_puts_every_position_on_a_few_codes_unless_the_usage_term_is_on():
+    assert race(usage_weight=0.0) <= 4
+    assert race(usage_weight=3.0) >= 6
