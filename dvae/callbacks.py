@@ -105,10 +105,11 @@ class CodebookMonitor(L.Callback):
         if used >= self.collapse_below * K:
             return
         self.warned_at = trainer.global_step
+        weight = pl_module.hparams.usage_weight
         message = (f"the codebook collapsed to {used} of {K} codes at step {trainer.global_step} (perplexity "
                    f"{usage.perplexity():.1f} over the last {usage.size} training batches): the tokens carry "
-                   f"little information; try codebook.usage_weight=1 codebook.reseed_every=100, or a lower "
-                   f"optim.lr (docs/collapse.md)")
+                   f"little information; try codebook.usage_weight={max(3 * weight, 3):g} (now {weight:g}) or a "
+                   f"lower optim.lr (docs/collapse.md)")
         if self.stop:
             raise CodebookCollapsed(f"{message}; stopped because codebook.stop_on_collapse=true")
         if trainer.is_global_zero:

@@ -107,5 +107,5 @@ def run_verdict(gain_db: float, codes_used_fraction: float, K: int, collapse_bel
     facts = f"{gain_db:+.2f} dB over the mean-colour baseline, {used} of {K} codes used on the validation set"
     if gain_db > 0 and codes_used_fraction >= collapse_below:
         return True, f"the run is healthy: {facts}."
-    return False, (f"the run is NOT healthy: {facts}; the tokens carry little information. Try "
-                   "codebook.usage_weight and codebook.reseed_every (docs/collapse.md).")
+    return False, (f"the run is NOT healthy: {facts}; the tokens carry little information. Try a larger "
+                   "codebook.usage_weight or a lower optim.lr (docs/collapse.md).")

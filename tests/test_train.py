@@ -19,7 +19,7 @@ from .conftest import FAST
 
 DVAE_TRAIN = shutil.which("dvae-train", path=str(Path(sys.executable).parent)) or "dvae-train"
 METRIC_KEYS = {"psnr", "psnr_mean_color", "bits_per_dim", "perplexity", "codes_used_fraction",
-               "steps", "wall_seconds"}
+               "steps", "wall_seconds", "gain", "healthy"}
 
 
 def run_cli(*args, cwd, timeout=240):
@@ -36,8 +36,11 @@ def check_run_dir(run_dir: Path, steps: int):
     assert 0 < metrics["codes_used_fraction"] <= 1 and metrics["perplexity"] >= 1
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert metrics["gain"] == pytest.approx(metrics["psnr"] - metrics["psnr_mean_color"])
     grids = sorted((run_dir / "images").glob("val_step_*.png"))
     assert grids, "no reconstruction grid was written"
+    assert [p.name.replace("usage", "val") for p in sorted((run_dir / "images").glob("usage_step_*.png"))] == \
+        [p.name for p in grids], "each validation grid has its usage histogram"
     with Image.open(grids[-1]) as image:
         assert image.mode == "RGB" and image.height > 2 * 16
     return metrics
@@ -53,11 +56,12 @@ def test_cli_trains_and_writes_the_run_directory(data, tmp_path):
     assert metrics["bits_per_dim"] > 0
     assert str(run_dir) in result.stdout.replace("\n", "")  # the summary names the run directory
     assert "psnr" in result.stdout
+    assert "dvae-train: the run is " in result.stderr  # healthy or not, in one sentence
     rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
     logged = {k for row in rows for k, v in row.items() if v}
     assert {"train/loss", "train/nll", "train/kl", "train/tau", "train/beta", "train/scale",
             "train/lr", "val/psnr", "val/psnr_mean_color", "val/bits_per_dim",
-            "val/perplexity", "val/codes_used_fraction"} <= logged
+            "val/perplexity", "val/codes_used_fraction", "train/codes_used", "train/perplexity"} <= logged
 
 
 @pytest.mark.slow

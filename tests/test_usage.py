@@ -8,7 +8,7 @@ import torch
 from dvae.callbacks import CodebookCollapsed, CodebookMonitor, save_usage_histogram
 from dvae.codebook import perplexity
 from dvae.lightning import DVAELightning
-from dvae.usage import UsageWindow, batch_usage_deficit, choose_reseeds, reseed_codes
+from dvae.usage import UsageWindow, batch_usage_deficit, choose_reseeds, reseed_codes, run_verdict
 
 
 def test_usage_window_counts_only_the_last_batches():
@@ -184,3 +184,19 @@ def race(usage_weight: float, updates: int = 20) -> int:
 def test_the_early_race_puts_every_position_on_a_few_codes_unless_the_usage_term_is_on():
     assert race(usage_weight=0.0) <= 4
     assert race(usage_weight=3.0) >= 6
+
+
+def test_the_verdict_needs_a_gain_and_a_used_codebook():
+    healthy, sentence = run_verdict(4.5, 0.3, 512, 0.05)
+    assert healthy and sentence == ("the run is healthy: +4.50 dB over the mean-colour baseline, 154 of 512 codes "
+                                    "used on the validation set.")
+    assert not run_verdict(-4.7, 1 / 512, 512, 0.05)[0]  # the collapse the issue reported
+    assert not run_verdict(2.0, 0.01, 512, 0.05)[0]
+    assert "NOT healthy" in run_verdict(-0.1, 0.5, 512, 0.05)[1]
+
+
+def test_the_paper_experiment_keeps_the_papers_objective():
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["experiment=paper", "data.root=/tmp"])
+    assert cfg.codebook.usage_weight == 0 and cfg.codebook.reseed_every == 0
