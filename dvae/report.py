@@ -183,20 +183,12 @@ def render(directory: Path, jobs: list[Job]) -> str:
     groups = [k for k in keys if k != "seed"]
     if "seed" in keys and groups and finished:
         lines += ["", f"Mean ± standard deviation over seeds ({', '.join(groups)}):", ""]
-        combos: dict[tuple, list[Job]] = {}
-        for job in finished:
-            combos.setdefault(tuple(job.overrides.get(k, "") for k in groups), []).append(job)
-        rows = []
-        for combo, members in combos.items():
-            cells = []
-            for metric in AVERAGED:
-                values = [v for v in (_number(m.metrics.get(metric)) for m in members) if v is not None]
-                cells.append(_mean_std(metric, values))
-            rows.append([*combo, str(len(members)), *cells])
-        lines += _table([*groups, "seeds", *(COLUMNS[m][0] for m in AVERAGED)], rows)
+        lines += _table([*groups, "seeds", *(COLUMNS[m][0] for m in AVERAGED)],
+                        _per_group(finished, groups, AVERAGED, _mean_std))
     if "seed" in keys and finished:
         lines += ["", "Min / median over seeds" + (f" ({', '.join(groups)})" if groups else "") + ":", ""]
-        lines += _table([*groups, "seeds", *(COLUMNS[m][0] for m in SEED_SUMMARY)], _seed_summary(finished, groups))
+        lines += _table([*groups, "seeds", *(COLUMNS[m][0] for m in SEED_SUMMARY)],
+                        _per_group(finished, groups, SEED_SUMMARY, _min_median))
     if failed:
         lines += ["", "Failed jobs:", ""]
         lines += [f"- job {j.name} ({_describe(j, keys)}): {j.error or 'unknown error'}" for j in failed]
@@ -209,17 +201,23 @@ def render(directory: Path, jobs: list[Job]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _seed_summary(finished: list[Job], groups: list[str]) -> list[list[str]]:
+def _min_median(metric: str, values: list[float]) -> str:
+    fmt = COLUMNS[metric][1]
+    return f"{fmt.format(min(values))} / {fmt.format(statistics.median(values))}" if values else "–"
+
+
+def _per_group(finished: list[Job], groups: list[str], metrics: tuple[str, ...], summarize) -> list[list[str]]:
+    """One row per combination of the other swept keys: its values, how many seeds, and `summarize(metric,
+    values)` of each metric over those seeds."""
     combos: dict[tuple, list[Job]] = {}
     for job in finished:
         combos.setdefault(tuple(job.overrides.get(k, "") for k in groups), []).append(job)
     rows = []
     for combo, members in combos.items():
         cells = []
-        for metric in SEED_SUMMARY:
+        for metric in metrics:
             values = [v for v in (_number(m.metrics.get(metric)) for m in members) if v is not None]
-            fmt = COLUMNS[metric][1]
-            cells.append(f"{fmt.format(min(values))} / {fmt.format(statistics.median(values))}" if values else "–")
+            cells.append(summarize(metric, values))
         rows.append([*combo, str(len(members)), *cells])
     return rows
 
