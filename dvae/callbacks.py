@@ -92,14 +92,15 @@ class CodebookMonitor(L.Callback):
     """Warns once, in plain words, when the training batches of the usage window use fewer than
     `collapse_below` of the K codes, naming what to try; stops the run there when `stop` is set."""
 
-    def __init__(self, collapse_below: float, stop: bool = False):
+    def __init__(self, collapse_below: float, stop: bool = False, check_every: int = 10):
         self.collapse_below = collapse_below
         self.stop = stop
+        self.check_every = check_every  # reading the counts waits for a GPU: not after every update
         self.warned_at: int | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         usage = pl_module.usage
-        if self.warned_at is not None or not usage.full:
+        if self.warned_at is not None or not usage.full or trainer.global_step % self.check_every:
             return
         used, K = usage.codes_used(), usage.K
         if used >= self.collapse_below * K:

@@ -224,8 +224,8 @@ class DVAELightning(L.LightningModule):
             loss = loss + self.hparams.usage_weight * deficit * out.logits[0, 0].numel() / batch[0].numel()
             logs["train/usage_deficit"] = deficit
         self.usage.add(out.logits.detach().argmax(dim=1))
-        logs["train/codes_used"] = self.usage.codes_used() / self.hparams.K
-        logs["train/perplexity"] = self.usage.perplexity()
+        logs["train/codes_used"] = (self.usage.total > 0).float().mean()  # tensors: no sync per update
+        logs["train/perplexity"] = perplexity(self.usage.total)
         if log_scale is not None:
             logs["train/scale"] = log_scale.detach().exp().mean()
         self.log_dict(logs, prog_bar=False, batch_size=batch.shape[0])
@@ -272,7 +272,7 @@ class DVAELightning(L.LightningModule):
         """Codes that no training batch of the usage window chose copy a busy code (`reseed_codes`), in the
         training model, its optimiser moments and the EMA alike. Every rank decides from the same counts
         (summed over ranks) and the same generator, so the replicas stay identical. Returns how many."""
-        counts = self.usage.total.to(self.device)
+        counts = self.usage.total.to(self.device, copy=True)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
         generator = torch.Generator().manual_seed(step)

@@ -44,7 +44,9 @@ class UsageWindow:
         self.batches = 0
 
     def add(self, tokens: Tensor) -> None:
-        counts = torch.bincount(tokens.flatten().cpu(), minlength=self.K)
+        if self.total.device != tokens.device:  # kept where the tokens are: no copy, no sync per update on a GPU
+            self.ring, self.total = self.ring.to(tokens.device), self.total.to(tokens.device)
+        counts = torch.bincount(tokens.flatten(), minlength=self.K)
         slot = self.batches % self.size
         self.total += counts - self.ring[slot]
         self.ring[slot] = counts
