@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import uuid
 import zipfile
 from collections.abc import Callable
@@ -60,17 +59,3 @@ def load_weights(path: str | Path, mmap: bool = False) -> Any:
             f"{path} is refused: it names the Python object {found.group(1)}, and dvae loads only tensors and "
             f"plain values so that no file can run code; pass a file written by dvae."
         ) from None
-
-
-def not_a_regular_file(path: str | Path) -> str | None:
-    """What `path` is when it is not a regular file (following symlinks), e.g. 'a FIFO'; None when it is
-    one. Checked before opening: opening a FIFO for reading waits for a writer, forever."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None  # missing or unreadable: opening it reports that
-    if stat.S_ISREG(mode):
-        return None
-    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-    return next((kind for test, kind in kinds if test(mode)), "not a regular file")

@@ -37,7 +37,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .data.common import center_crop, resize, to_unit_float
 from .data.folder import IMAGE_EXTENSIONS, read_rgb, walk_images
 from .errors import ConfigError, os_error_sentence
-from .files import not_a_regular_file
 from .pretrained import atomic_write, check_out_dir, fingerprint, from_pretrained, read_config, write_json
 
 SHARD_NAME = "shard_{:05d}.npy"
@@ -129,11 +128,6 @@ def open_images(data: str, size: int, channels: int, split: str = "val",
                 f"--data {data} contains no image files ({seen} files seen; accepted: "
                 f"{', '.join(IMAGE_EXTENSIONS)}); pass a folder of images or a data config name."
             )
-        for file in paths:  # before any work, and without opening them: a FIFO would hang the run
-            kind = not_a_regular_file(file)
-            if kind:
-                raise ConfigError(f"--data {data}: {file} is {kind}, not an image file; remove it or give it a "
-                                  f"name without an image extension, then run the command again.")
         sources = [p.relative_to(path).as_posix() for p in paths]
         return FolderImages(paths, size, channels), sources, {"kind": "folder", "root": str(path.resolve())}
     if data == "folder":
