@@ -104,6 +104,8 @@ def read_official(path: str | Path, role: str | None = None) -> dict[str, Tensor
     try:
         with warnings.catch_warnings():  # the legacy format checks module source code, which stand-ins lack
             warnings.filterwarnings("ignore", message="Couldn't retrieve source code for container")
+            # weights_only=False only because torch refuses a custom pickle_module with it; every global and the
+            # legacy header go through the restricted unpickler above (tests/test_security.py plants payloads)
             obj = torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
     except pickle.UnpicklingError as error:
         raise ValueError(f"{path}: {error}") from None
