@@ -88,7 +88,8 @@ def reseed_codes(encoder_out: nn.Conv2d, codebook: nn.Conv2d, dead: Tensor, sour
                  generator: torch.Generator, noise: float = 0.01) -> None:
     """Give each dead code a copy of its source code: the encoder's output row (weight and bias) that
     scores it and the code vector the decoder reads, plus noise of `noise` times the copied values'
-    spread, so that the two copies can part. Positions that chose the source now split between them."""
+    spread, so that the two copies can part. Meant to split the source's positions between them; measured, the
+    jitter shared by all positions decides the argmax the same way everywhere instead (docs/collapse.md)."""
     for weight, dim in ((encoder_out.weight, 0), (encoder_out.bias, 0), (codebook.weight, 1)):
         rows = weight.index_select(dim, sources)
         spread = rows.float().std() if rows.numel() > 1 else rows.float().abs().max()
