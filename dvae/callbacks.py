@@ -15,6 +15,7 @@ from torchvision.utils import make_grid, save_image
 
 from .codebook import perplexity
 from .errors import TrainingError
+from .usage import collapse_advice
 
 
 class ReconstructionGrid(L.Callback):
@@ -64,8 +65,8 @@ class ReconstructionGrid(L.Callback):
 
 
 def save_usage_histogram(counts: torch.Tensor, path: Path, title: str) -> None:
-    """How often each code was chosen, codes sorted from most to least used, on a log scale from one token
-    to all of them: a healthy codebook is a long gentle slope, a collapsed one a few bars. Drawn with PIL
+    """How often each code was chosen, codes sorted from most to least used, on a log scale from half a
+    token to all of them: a healthy codebook is a long gentle slope, a collapsed one a few bars. Drawn with PIL
     (a few milliseconds; a plotting library would take a second at every validation)."""
     counts = counts.double().cpu()
     K, total, used = counts.numel(), max(float(counts.sum()), 1.0), int((counts > 0).sum())
@@ -74,7 +75,7 @@ def save_usage_histogram(counts: torch.Tensor, path: Path, title: str) -> None:
     plot_w, plot_h = width - left - right, height - top - bottom
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    low = math.log10(1.0 / total)  # the share of a single token: the bottom of the axis
+    low = math.log10(0.5 / total)  # half a token's share: a code chosen once still gets a visible bar
 
     def y_of(value: float) -> float:
         return top + plot_h * (1 - (math.log10(value) - low) / (0 - low)) if low < 0 else top
@@ -121,11 +122,10 @@ class CodebookMonitor(L.Callback):
         if used >= self.collapse_below * K:
             return
         self.warned_at = trainer.global_step
-        weight = pl_module.hparams.usage_weight
+        advice = collapse_advice(pl_module.hparams.usage_weight, pl_module.hparams.hard)
         message = (f"the codebook collapsed to {used} of {K} codes at step {trainer.global_step} (perplexity "
                    f"{usage.perplexity():.1f} over the last {usage.size} training batches): the tokens carry "
-                   f"little information; try codebook.usage_weight={max(3 * weight, 3):g} (now {weight:g}) or a "
-                   f"lower optim.lr (docs/collapse.md)")
+                   f"little information; {advice}")
         if self.stop:
             raise CodebookCollapsed(f"{message}; stopped because codebook.stop_on_collapse=true")
         if trainer.is_global_zero:

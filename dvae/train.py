@@ -572,7 +572,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     from .checkpointing import Interrupted, RunCheckpoints
     from .data import build_datamodule
     from .resume import checkpoint_step, readable_step, resolve_resume
-    from .usage import run_verdict
+    from .usage import collapse_advice, run_verdict
 
     hydra_cfg = _hydra_config()
     if run_dir is None:
@@ -657,7 +657,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     }
     metrics["gain"] = metrics["psnr"] - metrics["psnr_mean_color"]
     metrics["healthy"], verdict = run_verdict(metrics["gain"], metrics["codes_used_fraction"], int(cfg.model.K),
-                                              float(cfg.codebook.collapse_below))
+                                              float(cfg.codebook.collapse_below),
+                                              collapse_advice(float(cfg.codebook.usage_weight), bool(cfg.model.hard)))
     bad_files = datamodule.bad_files()
     metrics["bad_files"] = len(bad_files)
     if trainer.is_global_zero:

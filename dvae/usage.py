@@ -103,12 +103,20 @@ def copy_rows(tensor: Tensor, dim: int, dead: Tensor, sources: Tensor) -> None:
     tensor.index_copy_(dim, dead, tensor.index_select(dim, sources))
 
 
-def run_verdict(gain_db: float, codes_used_fraction: float, K: int, collapse_below: float) -> tuple[bool, str]:
+def collapse_advice(usage_weight: float, hard: bool) -> str:
+    """What to try when the codebook collapsed: one clause naming config keys, for the warning and the verdict."""
+    if hard:  # measured: straight-through sampling lets the posterior go uniform whatever the usage weight
+        return "try model.hard=false (straight-through samples let the posterior go uniform; docs/collapse.md)"
+    return (f"try codebook.usage_weight={max(3 * usage_weight, 3):g} (now {usage_weight:g}) or a lower optim.lr "
+            "(docs/collapse.md)")
+
+
+def run_verdict(gain_db: float, codes_used_fraction: float, K: int, collapse_below: float,
+                advice: str = collapse_advice(0.0, False)) -> tuple[bool, str]:
     """(healthy, one sentence) for the end of a run: the reconstructions must beat the mean-colour baseline
     and the validation tokens must use at least `collapse_below` of the K codes."""
     used = round(codes_used_fraction * K)
     facts = f"{gain_db:+.2f} dB over the mean-colour baseline, {used} of {K} codes used on the validation set"
     if gain_db > 0 and codes_used_fraction >= collapse_below:
         return True, f"the run is healthy: {facts}."
-    return False, (f"the run is NOT healthy: {facts}; the tokens carry little information. Try a larger "
-                   "codebook.usage_weight or a lower optim.lr (docs/collapse.md).")
+    return False, f"the run is NOT healthy: {facts}; the tokens carry little information: {advice}."

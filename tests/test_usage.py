@@ -8,7 +8,7 @@ import torch
 from dvae.callbacks import CodebookCollapsed, CodebookMonitor, save_usage_histogram
 from dvae.codebook import perplexity
 from dvae.lightning import DVAELightning
-from dvae.usage import UsageWindow, batch_usage_deficit, choose_reseeds, reseed_codes, run_verdict
+from dvae.usage import UsageWindow, batch_usage_deficit, choose_reseeds, collapse_advice, reseed_codes, run_verdict
 
 
 def test_usage_window_counts_only_the_last_batches():
@@ -132,6 +132,11 @@ def test_usage_histogram_is_a_png(tmp_path):
     path = tmp_path / "usage.png"
     save_usage_histogram(torch.tensor([5, 0, 1, 9]), path, "validation tokens")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+    with Image.open(path) as image:
+        # the third-most-used code, chosen once, has a bar above the axis (x in the third quarter of the plot)
+        column = [image.getpixel((60 + 640 * 5 // 8, y)) for y in range(30, 219)]
+    assert (31, 119, 180) in column
 
 
 def test_module_reseeding_moves_model_ema_and_optimizer_moments_together():
@@ -193,6 +198,17 @@ def test_the_verdict_needs_a_gain_and_a_used_codebook():
     assert not run_verdict(-4.7, 1 / 512, 512, 0.05)[0]  # the collapse the issue reported
     assert not run_verdict(2.0, 0.01, 512, 0.05)[0]
     assert "NOT healthy" in run_verdict(-0.1, 0.5, 512, 0.05)[1]
+    advice = collapse_advice(20.0, hard=False)
+    assert "codebook.usage_weight=60 (now 20)" in run_verdict(-4.7, 1 / 512, 512, 0.05, advice)[1]
+
+
+def test_a_collapse_under_straight_through_sampling_names_model_hard(capsys):
+    # measured (docs/collapse.md): model.hard=true lets the posterior go uniform; more usage weight does not help
+    module = small_module(usage_window=1, hard=True)
+    module.usage.add(torch.tensor([3, 3, 3]))
+    CodebookMonitor(collapse_below=0.25).on_train_batch_end(FakeTrainer(), module, None, None, 0)
+    err = capsys.readouterr().err
+    assert "model.hard=false" in err and "usage_weight" not in err
 
 
 def test_the_paper_experiment_keeps_the_papers_objective():
