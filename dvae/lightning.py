@@ -129,6 +129,8 @@ class DVAELightning(L.LightningModule):
         # keeping the codebook in use (dvae/usage.py): the batch-usage term's weight, re-seeding dead codes
         # every N updates (0: never), and the window of training batches both look at
         usage_weight: float = 0.0, reseed_every: int = 0, usage_window: int = 100,
+        # a reward for confident posteriors, each position's entropy H(q_i) normalised like the KL (0: off)
+        entropy_weight: float = 0.0,
         # torch.compile: the fused loss kernel, and the training model's forward (see docs/benchmarks.md)
         compile_loss: bool = False, compile_model: bool = False,
         # channels-last (NHWC) activations and weights: oneDNN's fast convolution layout on CPUs and GPUs
@@ -223,6 +225,13 @@ class DVAELightning(L.LightningModule):
             deficit = batch_usage_deficit(out.logits)
             loss = loss + self.hparams.usage_weight * deficit * out.logits[0, 0].numel() / batch[0].numel()
             logs["train/usage_deficit"] = deficit
+        if self.hparams.entropy_weight > 0:
+            # sum_i H(q_i) = positions * ln K - sum_i KL(q_i || U): the same KL with the opposite sign, from
+            # update 0 on, so that a posterior drifting to uniform is pushed back (docs/collapse.md)
+            positions = out.logits[0, 0].numel()
+            entropy = positions * math.log(self.hparams.K) / batch[0].numel() - kl
+            loss = loss + self.hparams.entropy_weight * entropy
+            logs["train/entropy"] = entropy
         self.usage.add(out.logits.detach().argmax(dim=1))
         logs["train/codes_used"] = (self.usage.total > 0).float().mean()  # tensors: no sync per update
         logs["train/perplexity"] = perplexity(self.usage.total)

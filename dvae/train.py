@@ -189,6 +189,7 @@ RULES: dict[str, Any] = {
     "kl_weight.steps": Rule(int, 0),
     "ema.decay": Rule(float, 0, 1, high_open=True, hint="the paper uses 0.999"),
     "codebook.usage_weight": Rule(float, 0, hint="0 turns the batch-usage term off"),
+    "codebook.entropy_weight": Rule(float, 0, hint="0 turns the entropy term off"),
     "codebook.reseed_every": Rule(int, 0, hint="0 turns re-seeding off"),
     "codebook.window": Rule(int, 1),
     "codebook.collapse_below": Rule(float, 0, 1, hint="it is a fraction of the codebook; 0 turns the warning off"),
@@ -504,7 +505,7 @@ def build_module(cfg: DictConfig):
         weight_decay=cfg.optim.weight_decay, ema_decay=cfg.ema.decay,
         max_bad_steps=cfg.guard.max_bad_steps,
         usage_weight=cfg.codebook.usage_weight, reseed_every=cfg.codebook.reseed_every,
-        usage_window=cfg.codebook.window,
+        usage_window=cfg.codebook.window, entropy_weight=cfg.codebook.get("entropy_weight", 0.0),
         compile_loss=bool(cfg.compile.loss), compile_model=bool(cfg.compile.model),
         channels_last=bool(cfg.channels_last),
     )

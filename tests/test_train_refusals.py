@@ -82,6 +82,7 @@ def earlier_run(root: Path) -> Path:
     ("trainer.val_check_interval=0", "trainer.val_check_interval=0"),
     ("temperature.end=0", "temperature.end=0"),
     ("kl_weight.end=-1", "kl_weight.end=-1"),
+    ("codebook.entropy_weight=-1", "codebook.entropy_weight=-1"),
     ("ema.decay=1.5", "ema.decay=1.5"),
     ("ema.decay=1", "ema.decay=1"),
     ("trainer.max_steps=abc", "trainer.max_steps='abc'"),

@@ -104,6 +104,39 @@ def test_the_usage_term_enters_the_loss_only_when_weighted():
     assert plain.usage.batches == weighted.usage.batches == 1
 
 
+def position_entropy(logits):
+    """sum over positions of H(q_i), per sub-pixel of an 8x8 RGB image, averaged over the batch."""
+    log_q = logits.log_softmax(dim=1)
+    return -(log_q.exp() * log_q).sum(dim=1).sum(dim=(1, 2)).mean() / (3 * 8 * 8)
+
+
+def test_the_entropy_term_enters_only_when_weighted_and_sharpens_the_posterior():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8)
+    plain, weighted = small_module(), small_module(entropy_weight=0.5)
+    weighted.load_state_dict(plain.state_dict())
+    logged = {}
+    for module in (plain, weighted):
+        module.optimizers = lambda: type("O", (), {"param_groups": [{"lr": 0.0}]})()
+        module.log = lambda *a, **k: None
+    plain.log_dict = lambda *a, **k: None
+    weighted.log_dict = lambda logs, **k: logged.update(logs)
+    torch.manual_seed(1)
+    loss_plain = plain.training_step(x, 0)
+    torch.manual_seed(1)
+    loss_weighted = weighted.training_step(x, 0)
+    before = position_entropy(weighted.model.logits(x)).detach()
+    assert float((loss_weighted - loss_plain).detach()) == pytest.approx(0.5 * float(before), rel=1e-4)
+    # the term's own gradient, one step down on the encoder's output layer, makes the positions less uncertain
+    logged["train/entropy"].backward()
+    with torch.no_grad():
+        conv = weighted.model.encoder.blocks.output.conv
+        for p in (conv.weight, conv.bias):
+            p -= 100.0 * p.grad
+        after = position_entropy(weighted.model.logits(x))
+    assert float(after) < float(before) - 1e-4
+
+
 class FakeTrainer:
     global_step = 600
     is_global_zero = True
@@ -215,4 +248,4 @@ def test_the_paper_experiment_keeps_the_papers_objective():
     from tests.conftest import compose_config
 
     cfg = compose_config(["experiment=paper", "data.root=/tmp"])
-    assert cfg.codebook.usage_weight == 0 and cfg.codebook.reseed_every == 0
+    assert cfg.codebook.usage_weight == 0 and cfg.codebook.reseed_every == 0 and cfg.codebook.entropy_weight == 0
