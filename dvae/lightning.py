@@ -233,6 +233,8 @@ class DVAELightning(L.LightningModule):
             loss = loss + self.hparams.entropy_weight * entropy
             logs["train/entropy"] = entropy
         self.usage.add(out.logits.detach().argmax(dim=1))
+        # for the collapse advice (callbacks.py): a KL near 0 means the posterior went uniform, not one-hot
+        self.last_kl_per_position = kl.detach() * batch[0].numel() / out.logits[0, 0].numel()
         logs["train/codes_used"] = (self.usage.total > 0).float().mean()  # tensors: no sync per update
         logs["train/perplexity"] = perplexity(self.usage.total)
         if log_scale is not None:

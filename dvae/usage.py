@@ -103,20 +103,34 @@ def copy_rows(tensor: Tensor, dim: int, dead: Tensor, sources: Tensor) -> None:
     tensor.index_copy_(dim, dead, tensor.index_select(dim, sources))
 
 
-def collapse_advice(usage_weight: float, hard: bool) -> str:
-    """What to try when the codebook collapsed: one clause naming config keys, for the warning and the verdict."""
+# A mean KL per position below this fraction of ln K: the posterior is (nearly) uniform at every position.
+UNIFORM_KL_FRACTION = 0.01
+
+
+def posterior_went_uniform(kl_per_position: float | None, K: int) -> bool:
+    return kl_per_position is not None and kl_per_position < UNIFORM_KL_FRACTION * math.log(K)
+
+
+def collapse_advice(usage_weight: float, hard: bool, uniform: bool = False) -> str:
+    """What to try when the codebook collapsed: one clause naming config keys, for the warning and the verdict.
+    The two collapses of docs/collapse.md need opposite cures: a one-hot collapse more usage weight, a uniform
+    one less (the usage term is satisfied by uniform posteriors) or the entropy term."""
     if hard:  # measured: straight-through sampling lets the posterior go uniform whatever the usage weight
         return "try model.hard=false (straight-through samples let the posterior go uniform; docs/collapse.md)"
+    if uniform:
+        return (f"the posterior went uniform (the decoder ignores the code): try codebook.entropy_weight=1, a "
+                f"smaller codebook.usage_weight (now {usage_weight:g}) or a lower optim.lr (docs/collapse.md)")
     return (f"try codebook.usage_weight={max(3 * usage_weight, 3):g} (now {usage_weight:g}) or a lower optim.lr "
             "(docs/collapse.md)")
 
 
 def run_verdict(gain_db: float, codes_used_fraction: float, K: int, collapse_below: float,
-                advice: str = collapse_advice(0.0, False)) -> tuple[bool, str]:
+                advice: str | None = None) -> tuple[bool, str]:
     """(healthy, one sentence) for the end of a run: the reconstructions must beat the mean-colour baseline
     and the validation tokens must use at least `collapse_below` of the K codes."""
     used = round(codes_used_fraction * K)
     facts = f"{gain_db:+.2f} dB over the mean-colour baseline, {used} of {K} codes used on the validation set"
     if gain_db > 0 and codes_used_fraction >= collapse_below:
         return True, f"the run is healthy: {facts}."
+    advice = advice or collapse_advice(0.0, False)
     return False, f"the run is NOT healthy: {facts}; the tokens carry little information: {advice}."

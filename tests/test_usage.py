@@ -8,7 +8,15 @@ import torch
 from dvae.callbacks import CodebookCollapsed, CodebookMonitor, save_usage_histogram
 from dvae.codebook import perplexity
 from dvae.lightning import DVAELightning
-from dvae.usage import UsageWindow, batch_usage_deficit, choose_reseeds, collapse_advice, reseed_codes, run_verdict
+from dvae.usage import (
+    UsageWindow,
+    batch_usage_deficit,
+    choose_reseeds,
+    collapse_advice,
+    posterior_went_uniform,
+    reseed_codes,
+    run_verdict,
+)
 
 
 def test_usage_window_counts_only_the_last_batches():
@@ -233,6 +241,19 @@ def test_the_verdict_needs_a_gain_and_a_used_codebook():
     assert "NOT healthy" in run_verdict(-0.1, 0.5, 512, 0.05)[1]
     advice = collapse_advice(20.0, hard=False)
     assert "codebook.usage_weight=60 (now 20)" in run_verdict(-4.7, 1 / 512, 512, 0.05, advice)[1]
+
+
+@pytest.mark.parametrize("kl_per_position, cure", [(1e-4, "entropy_weight=1"), (2.0, "usage_weight=60 (now 20)")])
+def test_the_advice_tells_a_uniform_collapse_from_a_one_hot_one(capsys, kl_per_position, cure):
+    # a uniform posterior satisfies the usage term, so more usage weight is the wrong cure there (docs/collapse.md)
+    module = small_module(usage_window=1, usage_weight=20.0)
+    module.usage.add(torch.tensor([3, 3, 3]))
+    module.last_kl_per_position = torch.tensor(kl_per_position)
+    CodebookMonitor(collapse_below=0.25).on_train_batch_end(FakeTrainer(), module, None, None, 0)
+    err = capsys.readouterr().err
+    assert cure in err and ("went uniform" in err) == (kl_per_position < 1)
+    assert posterior_went_uniform(kl_per_position, 16) == (kl_per_position < 1)
+    assert not posterior_went_uniform(None, 16)
 
 
 def test_a_collapse_under_straight_through_sampling_names_model_hard(capsys):
