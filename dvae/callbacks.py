@@ -15,7 +15,6 @@ from torchvision.utils import make_grid, save_image
 
 from .codebook import perplexity
 from .errors import TrainingError
-from .usage import collapse_advice, posterior_went_uniform
 
 
 class ReconstructionGrid(L.Callback):
@@ -122,12 +121,9 @@ class CodebookMonitor(L.Callback):
         if used >= self.collapse_below * K:
             return
         self.warned_at = trainer.global_step
-        kl = getattr(pl_module, "last_kl_per_position", None)
-        uniform = posterior_went_uniform(None if kl is None else float(kl), K)
-        advice = collapse_advice(pl_module.hparams.usage_weight, pl_module.hparams.hard, uniform)
         message = (f"the codebook collapsed to {used} of {K} codes at step {trainer.global_step} (perplexity "
                    f"{usage.perplexity():.1f} over the last {usage.size} training batches): the tokens carry "
-                   f"little information; {advice}")
+                   f"little information; {pl_module.collapse_advice()}")
         if self.stop:
             raise CodebookCollapsed(f"{message}; stopped because codebook.stop_on_collapse=true")
         if trainer.is_global_zero:

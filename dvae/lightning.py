@@ -18,7 +18,15 @@ from .errors import TrainingError
 from .losses import LOSSES, logit_laplace_nll_mean, nll_to_bits_per_dim, psnr, reconstruct, reconstruction_loss
 from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE, predicts_scale
 from .schedules import Schedule
-from .usage import UsageWindow, batch_usage_deficit, choose_reseeds, copy_rows, reseed_codes
+from .usage import (
+    UsageWindow,
+    batch_usage_deficit,
+    choose_reseeds,
+    collapse_advice,
+    copy_rows,
+    posterior_went_uniform,
+    reseed_codes,
+)
 
 SCALE_MODES = ("learned", "constant", "linear", "cosine", "exponential")
 # `val/psnr_edges` counts the pixels whose Sobel gradient magnitude (of the original's luminance,
@@ -173,6 +181,11 @@ class DVAELightning(L.LightningModule):
     def ema_model(self) -> DVAE:
         """The averaged weights: validated, checkpointed and exported."""
         return self.ema.module
+
+    def collapse_advice(self) -> str:
+        """What to try if the codebook collapsed, for this run's settings and its last training KL."""
+        uniform = posterior_went_uniform(getattr(self, "last_kl_per_position", None), self.hparams.K)
+        return collapse_advice(self.hparams.usage_weight, self.hparams.hard, uniform)
 
     def log_scale_for(self, model: DVAE, mu: Tensor, log_scale: Tensor | None) -> Tensor | None:
         """ln b for the loss: the decoder's when learned, else the scheduled value at this step."""

@@ -573,7 +573,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     from .checkpointing import Interrupted, RunCheckpoints
     from .data import build_datamodule
     from .resume import checkpoint_step, readable_step, resolve_resume
-    from .usage import collapse_advice, posterior_went_uniform, run_verdict
+    from .usage import run_verdict
 
     hydra_cfg = _hydra_config()
     if run_dir is None:
@@ -657,12 +657,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
         "wall_seconds": round(wall, 2),
     }
     metrics["gain"] = metrics["psnr"] - metrics["psnr_mean_color"]
-    last_kl = getattr(module, "last_kl_per_position", None)
-    last_kl = None if last_kl is None else float(last_kl)
     metrics["healthy"], verdict = run_verdict(metrics["gain"], metrics["codes_used_fraction"], int(cfg.model.K),
-                                              float(cfg.codebook.collapse_below),
-                                              collapse_advice(float(cfg.codebook.usage_weight), bool(cfg.model.hard),
-                                                              posterior_went_uniform(last_kl, int(cfg.model.K))))
+                                              float(cfg.codebook.collapse_below), module.collapse_advice())
     bad_files = datamodule.bad_files()
     metrics["bad_files"] = len(bad_files)
     if trainer.is_global_zero:

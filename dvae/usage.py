@@ -107,8 +107,9 @@ def copy_rows(tensor: Tensor, dim: int, dead: Tensor, sources: Tensor) -> None:
 UNIFORM_KL_FRACTION = 0.01
 
 
-def posterior_went_uniform(kl_per_position: float | None, K: int) -> bool:
-    return kl_per_position is not None and kl_per_position < UNIFORM_KL_FRACTION * math.log(K)
+def posterior_went_uniform(kl_per_position: float | Tensor | None, K: int) -> bool:
+    """None (no training step seen yet) is not uniform."""
+    return kl_per_position is not None and float(kl_per_position) < UNIFORM_KL_FRACTION * math.log(K)
 
 
 def collapse_advice(usage_weight: float, hard: bool, uniform: bool = False) -> str:
