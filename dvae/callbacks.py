@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +15,7 @@ from PIL import Image, ImageDraw
 from torchvision.utils import make_grid, save_image
 
 from .codebook import perplexity
+from .cores import CoreShare
 from .errors import TrainingError
 
 
@@ -128,3 +130,64 @@ class CodebookMonitor(L.Callback):
             raise CodebookCollapsed(f"{message}; stopped because codebook.stop_on_collapse=true")
         if trainer.is_global_zero:
             print(f"dvae-train: warning: {message}.", file=sys.stderr)
+
+
+class ShareCores(L.Callback):
+    """`threads=auto`: this process takes its share of the machine's cores among the dvae training processes
+    running there (dvae/cores.py), re-counted every `check_every` updates; says so when the share changes."""
+
+    def __init__(self, check_every: int = 20, share: CoreShare | None = None):
+        self.check_every = check_every
+        self.share = share or CoreShare()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.share.register()
+        self.share.update()
+        self.say(trainer, self.share.threads, self.share.live_jobs())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step % self.check_every == 0:
+            changed = self.share.update()
+            if changed:
+                self.say(trainer, *changed)
+
+    def say(self, trainer, threads: int, jobs: int) -> None:
+        if trainer.is_global_zero:
+            others = f"{jobs} dvae training processes share" if jobs > 1 else "one dvae training process on"
+            print(f"dvae-train: {others} this machine's {self.share.cores} cores: {threads} torch "
+                  f"thread{'s' if threads > 1 else ''} here (threads=auto)", file=sys.stderr)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.share.unregister()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.share.unregister()
+
+
+class TrainingClock(L.Callback):
+    """Logs `val/training_seconds` with each validation: seconds since training started, the time spent
+    validating left out (so validating often does not change it). What scripts/time_to_quality.py reads."""
+
+    def __init__(self):
+        self.start = self.validating_since = None
+        self.validation_seconds = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start, self.validation_seconds = time.perf_counter(), 0.0
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.validating_since = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.start is None or self.validating_since is None:
+            return  # a validation outside fit (trainer.validate after training)
+        seconds = self.validating_since - self.start - self.validation_seconds
+        pl_module.log("val/training_seconds", float(seconds), prog_bar=False, sync_dist=False)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.validating_since is not None:
+            self.validation_seconds += time.perf_counter() - self.validating_since
+            self.validating_since = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.start = None

@@ -215,6 +215,10 @@ def check_rules(cfg: DictConfig, rules: dict[str, Any] = RULES) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """Refuse a run that cannot work, with one sentence naming the key, before any training."""
     check_rules(cfg)
+    threads = cfg.get("threads", "auto")
+    if threads != "auto" and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads={threads!r} must be auto (a share of the cores among the dvae training processes "
+                          "on this machine) or a whole number of at least 1.")
     if not isinstance(cfg.codebook.stop_on_collapse, bool):
         raise ConfigError(f"codebook.stop_on_collapse={cfg.codebook.stop_on_collapse!r} must be true or false.")
     if cfg.loss not in LOSSES:
@@ -265,11 +269,6 @@ def validate_config(cfg: DictConfig) -> None:
     metric = cfg.get("optimized_metric", "psnr")
     if metric not in OPTIMIZABLE:
         raise ConfigError(f"optimized_metric={metric} is not known; use one of {', '.join(OPTIMIZABLE)}.")
-    if metric == "bits_per_dim" and cfg.loss != "logit_laplace":
-        raise ConfigError(
-            f"optimized_metric=bits_per_dim needs loss=logit_laplace (loss={cfg.loss} is not a density); "
-            "use optimized_metric=psnr."
-        )
 
 
 def world_size(cfg: DictConfig) -> int | None:
@@ -476,7 +475,7 @@ def load_init_from(cfg: DictConfig):
                           f"{cfg.data.channels}; pick data with {arch['channels']} channels.")
     learned = predicts_scale(cfg.loss, cfg.scale.mode)
     if arch["learned_scale"] != learned:
-        need = "scale=learned loss=logit_laplace" if arch["learned_scale"] else "a fixed scale or loss=l1/mse"
+        need = "scale=learned" if arch["learned_scale"] else "a fixed or scheduled scale (scale=constant, cosine, ...)"
         raise ConfigError(f"init_from={path} was exported {'with' if arch['learned_scale'] else 'without'} a "
                           f"learned scale (its decoder's output differs); train it with {need}.")
     with open_dict(cfg):
@@ -569,7 +568,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from .callbacks import CodebookMonitor, ReconstructionGrid
+    from .callbacks import CodebookMonitor, ReconstructionGrid, ShareCores, TrainingClock
     from .checkpointing import Interrupted, RunCheckpoints
     from .data import build_datamodule
     from .resume import checkpoint_step, readable_step, resolve_resume
@@ -614,7 +613,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     last = RunCheckpoints(run_dir / "checkpoints", every_n_steps=cfg.checkpoint.every_n_steps)
     grid = ReconstructionGrid(run_dir / "images")
     monitor = CodebookMonitor(cfg.codebook.collapse_below, stop=bool(cfg.codebook.stop_on_collapse))
-    callbacks = [best, last, grid, monitor, *(extra_callbacks or [])]
+    callbacks = [best, last, grid, monitor, TrainingClock(), *(extra_callbacks or [])]
+    threads_before = torch.get_num_threads()
+    if cfg.get("threads", "auto") == "auto":
+        callbacks.append(ShareCores())
+    else:
+        torch.set_num_threads(int(cfg.threads))
     if cfg.progress_bar and sys.stderr.isatty():
         callbacks.append(RichProgressBar())
     trainer = build_trainer(cfg, run_dir, loggers, callbacks)
@@ -642,6 +646,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
         raise TrainingError(f"{error}; {where}.") from error
     finally:
         torch.set_flush_denormal(False)
+        torch.set_num_threads(threads_before)
         close_loggers(loggers, status)
     metrics = {
         "psnr": final["val/psnr"],
@@ -694,7 +699,8 @@ def record_failure(job_dir: Path, error: BaseException) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://dvae.configs", config_name="train")
 def hydra_main(cfg: DictConfig) -> float:
     """One run, or one job of a sweep. A job that fails is recorded in its directory and re-raised:
-    Hydra's launchers go on with the next job and the sweep exits non-zero at the end."""
+    Hydra's launchers go on with the next job and the sweep exits non-zero at the end. A job stopped by
+    SIGTERM or Ctrl-C is recorded and exits: Hydra's launchers let SystemExit through, so the sweep stops."""
     try:
         validate_sweep(cfg)
     except ConfigError as error:  # the same for every job: stop the sweep now
@@ -713,6 +719,10 @@ def hydra_main(cfg: DictConfig) -> float:
     job_dir = Path(_hydra_config().runtime.output_dir)
     try:
         value = train(cfg, job_dir)
+    except RunStopped as error:  # SIGTERM or Ctrl-C stops the sweep, not only this job
+        record_failure(job_dir, error)
+        print(f"dvae-train: {error}; the sweep stopped here, its later jobs were not started", file=sys.stderr)
+        sys.exit(error.exit_code)
     except Exception as error:
         if isinstance(error, ConfigError):
             print(f"dvae-train: error: {error}", file=sys.stderr)

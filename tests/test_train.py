@@ -61,7 +61,9 @@ def test_cli_trains_and_writes_the_run_directory(data, tmp_path):
     logged = {k for row in rows for k, v in row.items() if v}
     assert {"train/loss", "train/nll", "train/kl", "train/tau", "train/beta", "train/scale",
             "train/lr", "val/psnr", "val/psnr_mean_color", "val/bits_per_dim",
-            "val/perplexity", "val/codes_used_fraction", "train/codes_used", "train/perplexity"} <= logged
+            "val/perplexity", "val/codes_used_fraction", "train/codes_used", "train/perplexity",
+            "val/training_seconds"} <= logged
+    assert "dvae-train: one dvae training process on this machine's" in result.stderr  # threads=auto says so
 
 
 @pytest.mark.slow
@@ -136,3 +138,29 @@ def test_cli_sweeps_the_scale_value(tmp_path):
         config = (sweep / job / "config.yaml").read_text()
         assert "mode: constant" in config and f"value: {value}" in config
         assert json.loads((sweep / job / "metrics.json").read_text())["steps"] == 2
+
+
+def test_training_seconds_grow_and_leave_validation_out(fast_config, tmp_path, monkeypatch):
+    """val/training_seconds (what scripts/time_to_quality.py reads) is logged with each validation during
+    training, grows, and does not count the time spent validating."""
+    import time
+
+    from dvae.lightning import DVAELightning as Module
+
+    validation_end, calls = Module.on_validation_epoch_end, []
+
+    def slow_validation(self):
+        calls.append(time.perf_counter())
+        time.sleep(0.5)
+        validation_end(self)
+
+    monkeypatch.setattr(Module, "on_validation_epoch_end", slow_validation)
+    monkeypatch.setattr(Module, "on_train_start", lambda self: calls.append(time.perf_counter()))
+    train(fast_config("trainer.max_steps=6", "trainer.val_check_interval=2"), run_dir=tmp_path)
+    rows = [r for r in csv.DictReader(open(tmp_path / "logs" / "metrics.csv")) if r.get("val/training_seconds")]
+    seconds = [float(r["val/training_seconds"]) for r in rows]
+    assert [int(r["step"]) for r in rows] == [1, 3, 5]  # after updates 2, 4, 6 (steps count from 0)
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    # calls: training starts, then three validations; the third began before calls[3], and the first
+    # two (0.5 s each at least) are not counted
+    assert seconds[-1] <= calls[3] - calls[0] - 2 * 0.5 + 0.05, (seconds, calls)
