@@ -9,8 +9,9 @@ and writes benchmark.json. Every figure is a median over repeats after warm-up, 
 1. the logit-Laplace NLL, forward + backward, against the seed's formulation (32x3x64x64, float32, CPU);
 2. training steps per second as dvae-train takes them (model forward, ELBO, backward, AdamW, EMA), with
    real data loading and with one preloaded batch;
-3. FLOPs per training step (torch.utils.flop_counter) and achieved GFLOP/s against the matrix-multiply
-   peak measured here with a large torch.mm, timed in turn with the steps;
+3. FLOPs per training step (torch.utils.flop_counter) and achieved GFLOP/s as a fraction of the machine's
+   limit: the higher of the best measured path (torch.mm, 1x1 and 3x3 convolutions, a linear layer) and the
+   theoretical figure (cores x FLOPs per cycle x clock, from /proc/cpuinfo), both printed;
 4. peak memory of a training step at K = 512 and K = 8192 (fused codebook, and the straightforward one at
    K = 8192): peak RSS of a child process on the CPU, max_memory_allocated on CUDA;
 5. encode throughput (argmax tokens, no gradients), the export path.
@@ -35,6 +36,7 @@ import dvae  # noqa: F401  first: dvae turns on torch's huge-page allocation, wh
 # isort: split
 import torch
 from torch.distributions import Laplace
+from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 from dvae.losses import logit_laplace_nll
@@ -87,7 +89,7 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int, device: str = "cpu
 
 
 class Matmul:
-    """An n x n by n x n torch.mm: this machine's practical matrix-multiply limit."""
+    """An n x n by n x n torch.mm: timed alongside the training steps, to see the machine's speed drift."""
 
     def __init__(self, device: str, dtype: torch.dtype, n: int):
         self.a, self.b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
@@ -100,9 +102,111 @@ class Matmul:
         return self.flops / seconds / 1e9
 
 
-def matmul_peak(matmul: Matmul, device: str, repeats: int) -> float:
-    """GFLOP/s of the matmul, on its own."""
-    return matmul.gflops(median_seconds(matmul, repeats, warmup=2, device=device))
+class Convolution:
+    """A k x k convolution of a (batch, c, h, w) input to c channels (oneDNN on a CPU, cuDNN on a GPU)."""
+
+    def __init__(self, device: str, dtype: torch.dtype, batch: int, channels: int, size: int, kernel: int):
+        self.x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
+        self.w = torch.randn(channels, channels, kernel, kernel, device=device, dtype=dtype)
+        self.padding = kernel // 2
+        if device == "cpu":  # the layout dvae-train trains in (channels_last)
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+            self.w = self.w.contiguous(memory_format=torch.channels_last)
+        self.flops = 2 * batch * size * size * channels * channels * kernel * kernel
+
+    def __call__(self) -> None:
+        torch.nn.functional.conv2d(self.x, self.w, padding=self.padding)
+
+    def gflops(self, seconds: float) -> float:
+        return self.flops / seconds / 1e9
+
+
+class Linear:
+    """A large fully connected layer: (rows, n) x (n, n)."""
+
+    def __init__(self, device: str, dtype: torch.dtype, rows: int, n: int):
+        self.x = torch.randn(rows, n, device=device, dtype=dtype)
+        self.w = torch.randn(n, n, device=device, dtype=dtype)
+        self.flops = 2 * rows * n * n
+
+    def __call__(self) -> None:
+        torch.nn.functional.linear(self.x, self.w)
+
+    def gflops(self, seconds: float) -> float:
+        return self.flops / seconds / 1e9
+
+
+def measured_paths(device: str, dtype: torch.dtype, quick: bool) -> dict:
+    """The ways this machine multiplies fastest, each sized to run near its best: a torch.mm, 1x1 and 3x3
+    convolutions and a linear layer. A model's steps run on the same kernels, so none of them is a limit
+    by itself: the limit is the best of them (or the theoretical figure, if that is higher)."""
+    small = quick
+    n = 512 if small else 2048 if device == "cpu" else 8192
+    batch, channels, size = (4, 128, 16) if small else (32, 256, 32) if device == "cpu" else (64, 512, 64)
+    return {
+        f"torch.mm {n}x{n}": Matmul(device, dtype, n),
+        f"1x1 convolution {channels} ch {size} px": Convolution(device, dtype, batch, channels, size, 1),
+        f"3x3 convolution {channels} ch {size} px": Convolution(device, dtype, batch, channels, size, 3),
+        f"linear {4 * n}x{n}": Linear(device, dtype, 4 * n, n),
+    }
+
+
+def cpu_flags() -> tuple[set[str], str, float | None]:
+    """(/proc/cpuinfo flags, vendor, the highest clock in GHz the machine reports) on Linux."""
+    flags, vendor, mhz = set(), "", []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "flags" and not flags:
+                flags = set(value.split())
+            elif key == "vendor_id":
+                vendor = value.strip()
+            elif key == "cpu MHz":
+                with contextlib.suppress(ValueError):
+                    mhz.append(float(value))
+    with contextlib.suppress(OSError, ValueError):  # the rated maximum, where the kernel exposes it
+        mhz.append(int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1000)
+    return flags, vendor, (max(mhz) / 1000 if mhz else None)
+
+
+def theoretical_cpu_peak(dtype: torch.dtype, cores: int, flags: set[str], vendor: str,
+                         ghz: float | None, fma_units: int | None = None) -> dict | None:
+    """cores x FLOPs per cycle per core x clock, from what the CPU says it has. float32: vector lanes (16
+    with AVX-512, 8 with AVX2) x FMA units x 2 (an FMA is two FLOPs); FMA units are not reported by the
+    CPU: 2 is assumed (1 for AVX-512 on AMD before Zen 5, which runs it on 256-bit units). bfloat16: 2048
+    per cycle with AMX (Intel's figure for its tile unit), else twice the float32 lanes with AVX512-BF16.
+    None when the clock is unknown."""
+    if ghz is None:
+        return None
+    if dtype == torch.bfloat16 and "amx_bf16" in flags:
+        per_cycle, how = 2048, "AMX-BF16 tiles: 2048 FLOPs/cycle"
+    else:
+        lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags or "avx" in flags else 4
+        if dtype == torch.bfloat16 and "avx512_bf16" in flags:
+            lanes *= 2
+        if fma_units is None:
+            fma_units = 1 if lanes >= 16 and vendor == "AuthenticAMD" and "avx512_vp2intersect" not in flags else 2
+        per_cycle = lanes * fma_units * 2
+        how = f"{lanes} lanes x {fma_units} FMA units x 2"
+    return {"gflops": cores * per_cycle * ghz, "cores": cores, "ghz": ghz, "flops_per_cycle": per_cycle,
+            "how": how}
+
+
+def machine_limit(device: str, dtype: torch.dtype, repeats: int, quick: bool, cores: int,
+                  fma_units: int | None = None) -> dict:
+    """The machine's FP limit: the best measured path and the theoretical figure, the higher of the two."""
+    paths = measured_paths(device, dtype, quick)
+    measured = {name: path.gflops(median_seconds(path, repeats, warmup=2, device=device))
+                for name, path in paths.items()}
+    theory = None
+    if device == "cpu":
+        flags, vendor, ghz = cpu_flags()
+        theory = theoretical_cpu_peak(dtype, cores, flags, vendor, ghz, fma_units)
+    best = max(measured.values())
+    return {"paths_gflops": measured, "best_measured_gflops": best,
+            "best_measured_path": max(measured, key=measured.get), "theoretical": theory,
+            "gflops": max(best, theory["gflops"] if theory else 0.0)}
 
 
 def loss_benchmark(repeats: int) -> dict:
@@ -165,14 +269,19 @@ class TrainStep:
         module = self.module
         batch = module.on_after_batch_transfer(batch, 0)  # the layout dvae-train gives the batch
         with self.autocast():
-            out = self.model(batch, module.tau(0))
-            rec, kl, _ = module.elbo_terms(module.model, batch, out.logits, out.mu, out.log_scale)
-            loss = rec + module.beta(0) * kl
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        module.ema.update_parameters(module.model)
+            with record_function("step: forward"):
+                out = self.model(batch, module.tau(0))
+            with record_function("step: loss"):
+                rec, kl, _ = module.elbo_terms(module.model, batch, out.logits, out.mu, out.log_scale)
+                loss = rec + module.beta(0) * kl
+        with record_function("step: backward"):
+            loss.backward()
+        with record_function("step: optimizer"):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        with record_function("step: EMA"):
+            module.ema.update_parameters(module.model)
 
 
 def model_config(model: str, size: int, batch: int, extra: tuple[str, ...] = ()):
@@ -180,9 +289,10 @@ def model_config(model: str, size: int, batch: int, extra: tuple[str, ...] = ())
 
 
 def training_benchmark(model: str, size: int, batch: int, device: str, precision: str, repeats: int,
-                       matmul: Matmul, compile_model: bool, min_seconds: float = 0.0) -> dict:
-    """images/s with real data and with a preloaded batch; FLOPs per step and the fraction of the matmul's
-    GFLOP/s, the matmul timed in turn with the steps (the machine's speed drifts on shared hosts). Fast
+                       matmul: Matmul, compile_model: bool, limit_gflops: float, min_seconds: float = 0.0) -> dict:
+    """images/s with real data and with a preloaded batch; FLOPs per step and their fraction of the machine's
+    limit (`machine_limit`, or the matmul timed in turn with the steps if that ran faster: the machine's
+    speed drifts on shared hosts). Fast
     steps get more repeats, up to `min_seconds` of preloaded steps: a median of five 0.15 s steps swung
     the real/preloaded ratio by 10% on a shared machine."""
     from dvae.data import build_datamodule
@@ -215,13 +325,54 @@ def training_benchmark(model: str, size: int, batch: int, device: str, precision
     preloaded_s, real_s = medians["preloaded"], medians["real"]
     achieved, peak = flops / preloaded_s / 1e9, matmul.gflops(medians["matmul"])
     return {
-        "model": model, "size": size, "batch": batch, "compiled": compile_model, "repeats": repeats,
+        "model": model, "size": size, "batch": batch, "precision": precision, "compiled": compile_model,
+        "repeats": repeats,
         "images_per_s_preloaded": batch / preloaded_s, "images_per_s_real_data": batch / real_s,
         "real_over_preloaded_step_time": real_s / preloaded_s,
         "gflop_per_step": flops / 1e9, "achieved_gflops": achieved, "matmul_gflops_alongside": peak,
-        "fraction_of_matmul_peak": achieved / peak,
+        "fraction_of_limit": achieved / max(limit_gflops, peak),
         "build_and_first_step_s": first_step,
     }
+
+
+def profile_step(model: str, size: int, batch: int, device: str, precision: str, steps: int = 20) -> dict:
+    """Where one training step's time goes (torch.profiler, after warm-up): the share of each part of the
+    step (forward, loss, backward, optimizer, EMA; the backward runs in autograd's own thread, so its ops
+    are counted by name), and the ops with the most time of their own."""
+    step = TrainStep(model_config(model, size, batch), device, precision)
+    images = torch.rand(batch, 3, size, size, device=device)
+    for _ in range(3):
+        step(images)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(images)
+        synchronize(device)
+    wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    parts = {e.key.removeprefix("step: "): e.cpu_time_total / steps / 1e6 for e in events if e.key.startswith("step: ")}
+    own = sorted((e for e in events if not e.key.startswith("step: ")), key=lambda e: -e.self_cpu_time_total)
+    total_own = sum(e.self_cpu_time_total for e in events) / steps / 1e6
+    backward_ops = sum(e.self_cpu_time_total for e in events if "Backward" in e.key or "backward" in e.key)
+    return {"model": model, "size": size, "batch": batch, "precision": precision, "step_ms": 1e3 * wall,
+            "parts_ms": {k: 1e3 * v for k, v in parts.items()},
+            "backward_ops_ms": 1e3 * backward_ops / steps / 1e6, "all_ops_ms": 1e3 * total_own,
+            "top_ops": [{"op": e.key, "ms": e.self_cpu_time_total / steps / 1e3, "calls": e.count // steps}
+                        for e in own[:15]]}
+
+
+def profile_markdown(profiled: dict) -> str:
+    p = profiled
+    lines = [f"where a training step's time goes: {p['model']} at {p['size']} px, batch {p['batch']}, precision "
+             f"{p['precision']}: {p['step_ms']:.1f} ms a step (profiled)", "",
+             "| part of the step | ms | share |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {ms:.2f} | {100 * ms / p['step_ms']:.0f}% |" for name, ms in p["parts_ms"].items()]
+    backward = p["backward_ops_ms"]
+    lines += [f"| (backward ops, by name) | {backward:.2f} | {100 * backward / p['step_ms']:.0f}% |",
+              "", "| op (time of its own) | ms a step | calls a step |", "| --- | ---: | ---: |"]
+    lines += [f"| {o['op']} | {o['ms']:.2f} | {o['calls']} |" for o in p["top_ops"]]
+    return "\n".join(lines)
 
 
 def encode_benchmark(model: str, size: int, batch: int, device: str, precision: str, repeats: int) -> dict:
@@ -296,10 +447,18 @@ def machine(device: str) -> dict:
 
 def markdown(results: dict) -> str:
     m, lines = results["machine"], []
-    lines.append(f"{m['date']}, {m.get('gpu', m['cpu'])}, torch {m['torch']}, {m['threads']} threads, "
-                 f"precision {results['precision']}")
-    lines.append(f"\nmatrix-multiply peak ({results['matmul']['n']}x{results['matmul']['n']} torch.mm, "
-                 f"{results['matmul']['dtype']}): {results['matmul']['gflops']:.1f} GFLOP/s")
+    lines.append(f"{m['date']}, {m.get('gpu', m['cpu'])}, torch {m['torch']}, {m['threads']} threads")
+    for precision, limit in results["limits"].items():
+        dtype = results["matmul"][precision]["dtype"]
+        lines += ["", f"| the machine's limit, {dtype} (precision {precision}) | GFLOP/s |", "| --- | ---: |"]
+        lines += [f"| measured: {name} | {gflops:.1f} |" for name, gflops in limit["paths_gflops"].items()]
+        theory = limit["theoretical"]
+        if theory:
+            lines.append(f"| theoretical: {theory['cores']} cores x {theory['flops_per_cycle']} FLOPs/cycle "
+                         f"({theory['how']}) x {theory['ghz']:.2f} GHz | {theory['gflops']:.1f} |")
+        else:
+            lines.append("| theoretical: not known here (no CPU clock, or a GPU) | - |")
+        lines.append(f"| **limit: the higher of the best measured and the theoretical** | **{limit['gflops']:.1f}** |")
     if "loss" in results:
         loss = results["loss"]
         lines += ["", "| logit-Laplace NLL, forward + backward, 32x3x64x64 | ms | vs seed |", "| --- | ---: | ---: |",
@@ -308,15 +467,18 @@ def markdown(results: dict) -> str:
                   f"{loss['speedup_elementwise_then_mean']:.2f}x |",
                   f"| logit_laplace_nll(..., reduction='mean') | {loss['mean_ms']:.2f} | {loss['speedup_mean']:.2f}x |",
                   f"\nfirst call, compilation included: {loss['first_call_with_compile_s']:.1f} s"]
-    lines += ["", "| model | px | batch | compiled | img/s preloaded | img/s real data | real/preloaded time "
-                  "| GFLOP/step | GFLOP/s | matmul GFLOP/s alongside | of matmul peak |",
-              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["", "| model | px | batch | precision | compiled | img/s preloaded | img/s real data "
+                  "| real/preloaded time | GFLOP/step | GFLOP/s | matmul GFLOP/s alongside | of the limit |",
+              "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results["training"]:
-        lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {'yes' if r['compiled'] else 'no'} "
-                     f"| {r['images_per_s_preloaded']:.1f} | {r['images_per_s_real_data']:.1f} "
+        lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['precision']} "
+                     f"| {'yes' if r['compiled'] else 'no'} | {r['images_per_s_preloaded']:.1f} "
+                     f"| {r['images_per_s_real_data']:.1f} "
                      f"| {r['real_over_preloaded_step_time']:.2f} | {r['gflop_per_step']:.2f} "
                      f"| {r['achieved_gflops']:.1f} | {r['matmul_gflops_alongside']:.1f} "
-                     f"| {100 * r['fraction_of_matmul_peak']:.0f}% |")
+                     f"| {100 * r['fraction_of_limit']:.0f}% |")
+        if r["fraction_of_limit"] > 1:
+            lines.append("\n(above 100%: the limit is wrong on this machine; give --fma-units)")
     lines += ["", "| peak memory of a training step | K | codebook | before the step MB | peak MB | step adds MB |",
               "| --- | ---: | --- | ---: | ---: | ---: |"]
     for r in results["memory"]:
@@ -336,10 +498,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", action="append", help="model preset(s) (default: tiny and small)")
     parser.add_argument("--size", type=int, action="append", help="crop size(s) (default: 32 and 64)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: 32 on CPU, 8 on CUDA)")
-    parser.add_argument("--precision", default="32", choices=sorted(PRECISIONS))
+    parser.add_argument("--precision", action="append", choices=sorted(PRECISIONS),
+                        help="training precision(s) (default: 32, and bf16-mixed too on a CPU with AVX512-BF16 "
+                             "or AMX); memory and encode use the first")
     parser.add_argument("--compile", action="store_true", help="also measure the step under torch.compile")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice; 1 gives steadier figures on a busy machine)")
+    parser.add_argument("--fma-units", type=int, choices=(1, 2), default=None,
+                        help="FMA units per core for the theoretical limit (default: 2; 1 for AVX-512 on AMD Zen 4)")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile one training step of the first model and size (torch.profiler)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: tiny model at 32 px unless given, batch 4, few repeats")
     parser.add_argument("--repeats", type=int, default=None,
@@ -350,9 +518,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU and none is available; run on the CPU without --device.")
-    if args.precision == "16-mixed" and args.device != "cuda":
+    if "16-mixed" in (args.precision or ()) and args.device != "cuda":
         parser.error("--precision 16-mixed needs --device cuda; use bf16-mixed or 32 on the CPU.")
     return args
+
+
+def default_precisions(device: str, quick: bool) -> list[str]:
+    """32, and bf16-mixed beside it on a CPU that has bfloat16 instructions (not in a quick run)."""
+    if device == "cpu" and not quick and cpu_flags()[0] & {"avx512_bf16", "amx_bf16"}:
+        return ["32", "bf16-mixed"]
+    return ["32"]
 
 
 def main(argv=None) -> dict:
@@ -368,25 +543,36 @@ def main(argv=None) -> dict:
     sizes = args.size or ([32] if quick else [32, 64])
     batch = args.batch or (4 if quick else 32 if device == "cpu" else 8)
     repeats = args.repeats or (2 if quick else 5)
-    matmul_dtype = PRECISIONS[args.precision] or torch.float32
+    precisions = args.precision or default_precisions(device, quick)
+    if args.profile:
+        profiled = profile_step(models[0], sizes[0], batch, device, precisions[0])
+        print(profile_markdown(profiled))
+        Path(args.out).write_text(json.dumps({"machine": machine(device), "profile": profiled}, indent=2) + "\n")
+        return profiled
     n = 512 if quick else 2048 if device == "cpu" else 8192
-    matmul = Matmul(device, matmul_dtype, n)
-    peak = matmul_peak(matmul, device, repeats)
-    results = {"machine": machine(device), "precision": args.precision, "quick": quick,
-               "matmul": {"n": n, "dtype": str(matmul_dtype).replace("torch.", ""), "gflops": peak}}
+    results = {"machine": machine(device), "precisions": precisions, "quick": quick, "limits": {}, "matmul": {}}
+    matmuls = {}
+    for precision in precisions:
+        dtype = PRECISIONS[precision] or torch.float32
+        matmuls[precision] = Matmul(device, dtype, n)
+        results["limits"][precision] = machine_limit(device, dtype, repeats, quick, torch.get_num_threads(),
+                                                     args.fma_units)
+        results["matmul"][precision] = {"n": n, "dtype": str(dtype).replace("torch.", ""), "gflops": matmuls[
+            precision].gflops(median_seconds(matmuls[precision], repeats, warmup=2, device=device))}
     if device == "cpu":
         results["loss"] = loss_benchmark(repeats=5 if quick else 30)
     results["training"] = [
-        training_benchmark(model, size, batch, device, args.precision, repeats, matmul, compile_model,
-                           min_seconds=0.0 if quick else MIN_STEP_SECONDS)
-        for model in models for size in sizes for compile_model in ([False, True] if args.compile else [False])
+        training_benchmark(model, size, batch, device, precision, repeats, matmuls[precision], compile_model,
+                           results["limits"][precision]["gflops"], min_seconds=0.0 if quick else MIN_STEP_SECONDS)
+        for model in models for size in sizes for precision in precisions
+        for compile_model in ([False, True] if args.compile else [False])
     ]
     memory_model, memory_size = models[-1], max(sizes)
     results["memory"] = [
-        peak_memory(memory_model, memory_size, batch, K, fused, device, args.precision)
+        peak_memory(memory_model, memory_size, batch, K, fused, device, precisions[0])
         for K, fused in ((512, True), (8192, True), (8192, False))
     ]
-    results["encode"] = [encode_benchmark(model, max(sizes), batch, device, args.precision, repeats)
+    results["encode"] = [encode_benchmark(model, max(sizes), batch, device, precisions[0], repeats)
                          for model in models]
     print(markdown(results))
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
