@@ -64,9 +64,14 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def model_kwargs(hp: dict[str, Any]) -> dict[str, Any]:
-    """`DVAE` arguments from `DVAELightning`'s hyper-parameters (the same rule it applies)."""
+def model_kwargs(hp: dict[str, Any], state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`DVAE` arguments from `DVAELightning`'s hyper-parameters (the same rule it applies). Whether the
+    decoder predicts the scale is read from the weights where given: runs of loss=l1/mse made before those
+    losses had a scale have no scale output even with scale=learned."""
     learned = predicts_scale(hp.get("loss", "logit_laplace"), hp.get("scale_mode", "learned"))
+    output = (state or {}).get("decoder.blocks.output.conv.weight")
+    if output is not None:
+        learned = output.shape[0] == 2 * hp.get("channels", 3)
     return {
         "channels": hp.get("channels", 3), "n_hid": hp["n_hid"], "blocks_per_group": hp["blocks_per_group"],
         "groups": hp["groups"], "K": hp["K"], "n_init": hp["n_init"], "learned_scale": learned,
@@ -85,7 +90,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any], weights: str = "ema", path
         other = "raw" if weights == "ema" else "ema"
         raise ConfigError(f"{path or 'the checkpoint'} holds no {weights} weights ({prefix}*); try --weights {other}.")
     try:
-        model = DVAE(**model_kwargs(checkpoint["hyper_parameters"]))
+        model = DVAE(**model_kwargs(checkpoint["hyper_parameters"], state))
     except KeyError as error:
         raise ConfigError(
             f"{path or 'the checkpoint'} lacks the hyper-parameter {error.args[0]}; pass a .ckpt written by dvae-train."
@@ -117,7 +122,7 @@ def run_config(checkpoint_path: Path) -> dict[str, Any]:
 def scale_at(hp: dict[str, Any], step: int) -> float | None:
     """The Laplace scale b the model was trained with at `step`; None when the decoder predicts it."""
     mode = hp.get("scale_mode", "learned")
-    if hp.get("loss", "logit_laplace") != "logit_laplace" or mode == "learned":
+    if mode == "learned":
         return None
     if mode == "constant":
         return float(hp.get("scale_value", 0.1))

@@ -15,7 +15,8 @@ from torchmetrics import MeanMetric, Metric, SumMetric
 
 from .codebook import perplexity
 from .errors import TrainingError
-from .losses import LOSSES, logit_laplace_nll_mean, nll_to_bits_per_dim, psnr, reconstruct, reconstruction_loss
+from .losses import (LOSSES, logit_laplace_nll_mean, nll_to_bits_per_dim, pixel_nll_to_bits_per_dim, psnr, reconstruct,
+                     reconstruction_loss)
 from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE, predicts_scale
 from .schedules import Schedule
 from .usage import (
@@ -189,7 +190,7 @@ class DVAELightning(L.LightningModule):
 
     def log_scale_for(self, model: DVAE, mu: Tensor, log_scale: Tensor | None) -> Tensor | None:
         """ln b for the loss: the decoder's when learned, else the scheduled value at this step."""
-        if self.hparams.loss != "logit_laplace" or model.learned_scale:
+        if model.learned_scale:
             return log_scale
         return mu.new_tensor(math.log(self.scale(self.global_step)))
 
@@ -360,9 +361,10 @@ class DVAELightning(L.LightningModule):
         self.val_psnr_edges.update(x, x_hat)
         self.val_code_counts.update(tokens)
         self.val_images.update(float(x.shape[0]))
-        if self.hparams.loss == "logit_laplace":
-            rec, kl, _ = self.elbo_terms(model, x, logits, mu, log_scale)
-            self.val_bits_per_dim.update(nll_to_bits_per_dim(rec + kl, model.eps), weight=x.shape[0])
+        rec, kl, _ = self.elbo_terms(model, x, logits, mu, log_scale)
+        bits = (nll_to_bits_per_dim(rec + kl, model.eps) if self.hparams.loss == "logit_laplace"
+                else pixel_nll_to_bits_per_dim(rec + kl))
+        self.val_bits_per_dim.update(bits, weight=x.shape[0])
 
     def on_validation_epoch_end(self) -> None:
         counts = self.val_code_counts.compute()
@@ -375,8 +377,7 @@ class DVAELightning(L.LightningModule):
             "val/codes_used_fraction": (counts > 0).float().mean(),
             "val/images": self.val_images.compute(),
         }
-        if self.hparams.loss == "logit_laplace":
-            metrics["val/bits_per_dim"] = self.val_bits_per_dim.compute()
+        metrics["val/bits_per_dim"] = self.val_bits_per_dim.compute()
         self.log_dict(metrics, prog_bar=False)
         self.log("val_psnr", metrics["val/psnr"], prog_bar=True, logger=False)
         self.reset_validation_metrics()

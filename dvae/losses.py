@@ -138,22 +138,34 @@ def reconstruct(mu: Tensor, eps: float = 0.1) -> Tensor:
 def reconstruction_loss(
     name: str, x: Tensor, mu: Tensor, log_scale: Tensor | None, eps: float = 0.1
 ) -> Tensor:
-    """Elementwise reconstruction loss selected by the `loss=` config key (training takes the
-    logit-Laplace mean in one pass with `logit_laplace_nll_mean`).
+    """Elementwise negative log-likelihood (nats per sub-pixel) selected by the `loss=` config key
+    (training takes the logit-Laplace mean in one pass with `logit_laplace_nll_mean`).
 
-    `l1` and `mse` compare `x` with the unclamped reconstruction (sigmoid(mu) - eps)/(1 - 2 eps),
-    the same image the logit-Laplace model would show, so the three losses are comparable.
+    `l1` and `mse` are the Laplace and Gaussian densities over the pixel value, centred on the unclamped
+    reconstruction x_hat = (sigmoid(mu) - eps)/(1 - 2 eps) (the image the logit-Laplace model would show)
+    with scale b = exp(log_scale), learned or scheduled like the logit-Laplace's:
+    |x - x_hat| / b + ln 2b, and (x - x_hat)^2 / 2b^2 + ln b + ln(2 pi)/2. So the three are likelihoods of
+    the same pixels, their KL and usage weights mean the same, and each has bits/dim; with a constant b
+    they are plain L1 and MSE, scaled.
     """
+    if log_scale is None:
+        raise ValueError(f"loss={name} needs a log_scale tensor (a learned or scheduled scale).")
     if name == "logit_laplace":
-        if log_scale is None:
-            raise ValueError("loss=logit_laplace needs a log_scale tensor.")
         return logit_laplace_nll(x, mu, log_scale, eps)
+    if name not in LOSSES:
+        raise ValueError(f"loss={name!r} is not known; use one of {', '.join(LOSSES)}.")
     x_hat = (torch.sigmoid(mu) - eps) / (1 - 2 * eps)
+    log_scale = log_scale.float()
     if name == "l1":
-        return F.l1_loss(x_hat, x, reduction="none")
-    if name == "mse":
-        return F.mse_loss(x_hat, x, reduction="none")
-    raise ValueError(f"loss={name!r} is not known; use one of {', '.join(LOSSES)}.")
+        return (x - x_hat).abs() * torch.exp(-log_scale) + log_scale + math.log(2.0)
+    return 0.5 * ((x - x_hat) * torch.exp(-log_scale)).square() + log_scale + 0.5 * math.log(2 * math.pi)
+
+
+def pixel_nll_to_bits_per_dim(nll_nats: Tensor | float) -> Tensor | float:
+    """Mean nll of a density over pixel values in [0, 1] (loss=l1, mse) -> bits per sub-pixel of an 8-bit
+    image: (nll + ln 256) / ln 2. The Laplace and Gaussian put a little mass outside [0, 1], so the
+    figure is slightly pessimistic."""
+    return (nll_nats + math.log(256.0)) / math.log(2.0)
 
 
 def psnr(x: Tensor, x_hat: Tensor) -> Tensor:

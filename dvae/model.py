@@ -21,9 +21,10 @@ DEFAULT_LOG_SCALE_FLOOR = math.log(0.8 / 256 / 0.25)
 
 
 def predicts_scale(loss: str, scale_mode: str) -> bool:
-    """Whether the decoder outputs ln b too (2*C maps): only for the logit-Laplace loss with a learned
-    scale. Training, export and `init_from` all build the decoder by this one rule."""
-    return loss == "logit_laplace" and scale_mode == "learned"
+    """Whether the decoder outputs ln b too (2*C maps): with a learned scale, for every loss (each is a
+    likelihood with a scale, `reconstruction_loss`). Training, export and `init_from` all build the
+    decoder by this one rule; `loss` is kept in the signature for the files that record it."""
+    return scale_mode == "learned"
 
 
 class DVAEOutput(NamedTuple):

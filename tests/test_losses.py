@@ -113,16 +113,38 @@ def test_bits_per_dim_of_a_batch_is_the_mean():
     torch.testing.assert_close(bits_per_dim(x, mu, ls), expected)
 
 
-def test_l1_and_mse_compare_the_reconstruction_with_the_pixels():
+def test_l1_and_mse_are_laplace_and_gaussian_likelihoods_of_the_pixels():
+    """loss=l1 / mse: the Laplace / Gaussian negative log-density of each pixel around the unclamped
+    reconstruction, with the scale b = exp(log_scale); with a fixed b, L1 and squared error scaled."""
+    from torch.distributions import Laplace, Normal
+
     x = torch.rand(2, 3, 4, 4)
-    mu = torch.logit(map_pixels(x))  # a perfect reconstruction
-    assert reconstruction_loss("l1", x, mu, None).max() < 1e-5
-    assert reconstruction_loss("mse", x, mu, None).max() < 1e-10
-    torch.testing.assert_close(reconstruct(mu), x, atol=1e-5, rtol=0)
-    off = mu + 1.0
-    assert reconstruction_loss("mse", x, off, None).mean() > 0.001
+    mu = torch.logit(map_pixels(x)) + 0.3 * torch.randn_like(x)
+    log_scale = -2.0 + 0.5 * torch.randn_like(x)
+    x_hat = (torch.sigmoid(mu) - 0.1) / 0.8
+    torch.testing.assert_close(reconstruction_loss("l1", x, mu, log_scale),
+                               -Laplace(x_hat, log_scale.exp()).log_prob(x))
+    torch.testing.assert_close(reconstruction_loss("mse", x, mu, log_scale),
+                               -Normal(x_hat, log_scale.exp()).log_prob(x))
+    fixed = torch.tensor(math.log(0.1))
+    torch.testing.assert_close(reconstruction_loss("l1", x, mu, fixed),
+                               (x - x_hat).abs() / 0.1 + math.log(0.2))
+    perfect = torch.logit(map_pixels(x))
+    torch.testing.assert_close(reconstruct(perfect), x, atol=1e-5, rtol=0)
+    assert (reconstruction_loss("mse", x, perfect + 1.0, fixed) > reconstruction_loss("mse", x, perfect, fixed)).all()
     with pytest.raises(ValueError, match="loss='huber'"):
-        reconstruction_loss("huber", x, mu, None)
+        reconstruction_loss("huber", x, mu, log_scale)
+    with pytest.raises(ValueError, match="needs a log_scale"):
+        reconstruction_loss("l1", x, mu, None)
+
+
+def test_pixel_bits_per_dim_is_the_mass_of_the_8_bit_bin():
+    """For a density over [0, 1] pixels, bits/dim = (nll + ln 256) / ln 2: minus log2 of the bin's mass
+    when the density is flat over the bin."""
+    from dvae.losses import pixel_nll_to_bits_per_dim
+
+    nll = torch.tensor(-2.0)  # density e^2 over a bin of width 1/256
+    assert float(pixel_nll_to_bits_per_dim(nll)) == pytest.approx(-math.log2(math.exp(2.0) / 256))
 
 
 def test_psnr_per_image():

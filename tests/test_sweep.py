@@ -128,7 +128,29 @@ def test_train_returns_the_optimized_metric(fast_config, tmp_path):
     value = train(fast_config("data=shapes", "optimized_metric=psnr_edges"), run_dir=tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert value == pytest.approx(metrics["psnr_edges"]) and value != pytest.approx(metrics["psnr"])
-    with pytest.raises(ConfigError, match="optimized_metric=bits_per_dim needs loss=logit_laplace"):
-        train(fast_config("loss=l1", "optimized_metric=bits_per_dim"), run_dir=tmp_path / "l1")
+    value = train(fast_config("loss=l1", "optimized_metric=bits_per_dim"), run_dir=tmp_path / "l1")
+    assert value == pytest.approx(json.loads((tmp_path / "l1" / "metrics.json").read_text())["bits_per_dim"])
     with pytest.raises(ConfigError, match="optimized_metric=loss is not known"):
         train(fast_config("optimized_metric=loss"), run_dir=tmp_path / "x")
+
+
+def test_a_stopped_sweep_job_stops_the_sweep(fast_config, tmp_path, monkeypatch, capsys):
+    """SIGTERM or Ctrl-C in a sweep job (RunStopped) is recorded in the job's directory and ends the
+    process with the signal's exit code, instead of going on to the next job as a failure would."""
+    from types import SimpleNamespace
+
+    import dvae.train as train_module
+
+    def stopped(cfg, job_dir):
+        raise train_module.RunStopped("SIGTERM at step 3: the run was saved to X", exit_code=143)
+
+    monkeypatch.setattr(train_module, "train", stopped)
+    monkeypatch.setattr(train_module, "in_multirun", lambda: True)
+    monkeypatch.setattr(train_module, "validate_sweep", lambda cfg: None)
+    monkeypatch.setattr(train_module, "_hydra_config",
+                        lambda: SimpleNamespace(runtime=SimpleNamespace(output_dir=str(tmp_path / "0"))))
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.hydra_main(fast_config())  # a config passed in goes straight to the function
+    assert exit_info.value.code == 143
+    assert json.loads((tmp_path / "0" / "status.json").read_text())["status"] == "failed"
+    assert "the sweep stopped here" in capsys.readouterr().err
