@@ -133,20 +133,26 @@ class CodebookMonitor(L.Callback):
 
 
 class ShareCores(L.Callback):
-    """`threads=auto`: this process takes its share of the machine's cores among the dvae training processes
-    running there (dvae/cores.py), re-counted every `check_every` updates; says so when the share changes."""
+    """Torch's threads in each training process (set in the process that trains: under ddp_spawn, each
+    spawned rank). `threads=N`: exactly N. `threads=auto`: this process's share of the machine's cores among
+    the dvae training processes running there (dvae/cores.py), re-counted every `check_every` updates, said
+    when it changes. `release` (train() calls it when the run is over, final validation included) gives
+    the cores back."""
 
-    def __init__(self, check_every: int = 20, share: CoreShare | None = None):
+    def __init__(self, threads: int | str = "auto", check_every: int = 20, share: CoreShare | None = None):
+        self.fixed = None if threads == "auto" else int(threads)
         self.check_every = check_every
         self.share = share or CoreShare()
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.share.register()
-        self.share.update()
-        self.say(trainer, self.share.threads, self.share.live_jobs())
+        if self.fixed is not None:
+            torch.set_num_threads(self.fixed)
+        elif self.share.register():
+            self.share.update()
+            self.say(trainer, self.share.threads, self.share.live_jobs())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step % self.check_every == 0:
+        if self.fixed is None and trainer.global_step % self.check_every == 0:
             changed = self.share.update()
             if changed:
                 self.say(trainer, *changed)
@@ -157,7 +163,7 @@ class ShareCores(L.Callback):
             print(f"dvae-train: {others} this machine's {self.share.cores} cores: {threads} torch "
                   f"thread{'s' if threads > 1 else ''} here (threads=auto)", file=sys.stderr)
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def release(self) -> None:
         self.share.unregister()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
@@ -165,29 +171,32 @@ class ShareCores(L.Callback):
 
 
 class TrainingClock(L.Callback):
-    """Logs `val/training_seconds` with each validation: seconds since training started, the time spent
-    validating left out (so validating often does not change it). What scripts/time_to_quality.py reads."""
+    """Logs `val/training_seconds` with each validation: seconds since training started, with the time
+    from each validation's start to the next training batch left out (validation, and the checkpoints
+    and images written after it), so validating often does not change it. A resumed run counts from 0
+    again. What scripts/time_to_quality.py reads."""
 
     def __init__(self):
-        self.start = self.validating_since = None
-        self.validation_seconds = 0.0
+        self.start = self.paused_since = None
+        self.paused_seconds = 0.0
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.start, self.validation_seconds = time.perf_counter(), 0.0
+        self.start, self.paused_seconds, self.paused_since = time.perf_counter(), 0.0, None
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        self.validating_since = time.perf_counter()
+        if self.start is not None and self.paused_since is None:
+            self.paused_since = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if self.start is None or self.validating_since is None:
+        if self.start is None or self.paused_since is None:
             return  # a validation outside fit (trainer.validate after training)
-        seconds = self.validating_since - self.start - self.validation_seconds
+        seconds = self.paused_since - self.start - self.paused_seconds
         pl_module.log("val/training_seconds", float(seconds), prog_bar=False, sync_dist=False)
 
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if self.validating_since is not None:
-            self.validation_seconds += time.perf_counter() - self.validating_since
-            self.validating_since = None
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.paused_since is not None:
+            self.paused_seconds += time.perf_counter() - self.paused_since
+            self.paused_since = None
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.start = None

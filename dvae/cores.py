@@ -3,14 +3,16 @@
 Every torch process starts one OpenMP thread per core. Two such processes on the same cores slow each
 other far more than twice (threads wait on each other's time slices), which is what a local sweep
 (`hydra/launcher=submitit_local`, or two runs started by hand) does. With `threads=auto` each training
-process registers itself in a per-user folder and takes `cores // processes` threads, re-counting as
-jobs start and finish (`CoreShare.update`).
+process lists itself in a private per-user folder and takes `cores // processes` threads, re-counting as
+jobs start and finish (`CoreShare.update`). POSIX only; elsewhere torch's default is left alone.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ JOBS_DIR_ENV = "DVAE_JOBS_DIR"
 
 
 def available_cores() -> int:
-    """The cores this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    """The CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -28,48 +30,78 @@ def available_cores() -> int:
 
 
 def jobs_dir() -> Path:
-    default = Path(tempfile.gettempdir()) / f"dvae-jobs-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-    return Path(os.environ.get(JOBS_DIR_ENV) or default)
+    if os.environ.get(JOBS_DIR_ENV):
+        return Path(os.environ[JOBS_DIR_ENV])
+    return Path(tempfile.gettempdir()) / f"dvae-jobs-{os.getuid()}"
+
+
+def private_folder(folder: Path) -> None:
+    """Create `folder` for this user only, or check that it is a real folder of this user's that nobody else
+    can write to (another user could otherwise list fake jobs in it); OSError if not."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise PermissionError(f"{folder} is not a folder of this user's that only this user can write to")
 
 
 def _start_time(pid: int) -> str:
     """The process's start time in clock ticks since boot (Linux), so a reused pid is not taken for the
     registered process; '' where /proc is not there."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return ""
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name in parentheses
+    return stat_line.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name in parentheses
 
 
 def _alive(pid: int, start_time: str) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists (POSIX)
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass  # alive, someone else's
+        pass  # it exists
     return not start_time or _start_time(pid) == start_time
 
 
 class CoreShare:
-    """This process's share of the cores: `register`, then `update` now and then, then `unregister`
-    (which gives torch back the thread count it had)."""
+    """This process's share of the cores: `register` (in the training process itself: under ddp_spawn that
+    is each spawned rank), then `update` now and then, then `unregister` (which gives torch back the thread
+    count it had). `cores` is torch's thread count at registration (physical cores, or OMP_NUM_THREADS)
+    within this process's CPUs."""
 
-    def __init__(self, cores: int | None = None, folder: Path | None = None):
-        self.cores = cores or available_cores()
+    def __init__(self, folder: Path | None = None, cores: int | None = None):
         self.folder = folder or jobs_dir()
-        self.pid = os.getpid()
-        self.entry = self.folder / str(self.pid)
-        self.threads_before = torch.get_num_threads()
-        self.threads = self.threads_before
+        self.fixed_cores = cores
+        self.entry: Path | None = None
+        self.threads = self.threads_before = torch.get_num_threads()
+        self.cores = cores or min(available_cores(), self.threads)
 
-    def register(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.entry.write_text(_start_time(self.pid))
+    def register(self) -> bool:
+        """List this process; False (torch's threads left as they are, with a warning) where it cannot."""
+        if os.name != "posix":
+            return False
+        self.pid = os.getpid()
+        self.threads = self.threads_before = torch.get_num_threads()
+        self.cores = self.fixed_cores or min(available_cores(), self.threads_before)
+        entry = self.folder / str(self.pid)
+        try:
+            private_folder(self.folder)
+            fd = os.open(entry, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(_start_time(self.pid))
+        except OSError as error:
+            warnings.warn(f"threads=auto could not list this process in {self.folder} ({error}); it keeps torch's "
+                          f"{self.threads} threads", stacklevel=2)
+            return False
+        self.entry = entry
+        return True
 
     def unregister(self) -> None:
+        if self.entry is None:
+            return
         self.entry.unlink(missing_ok=True)
+        self.entry = None
         torch.set_num_threads(self.threads_before)
         self.threads = self.threads_before
 
@@ -91,6 +123,8 @@ class CoreShare:
 
     def update(self) -> tuple[int, int] | None:
         """Sets torch's threads to this process's share; (threads, processes) when that changed it."""
+        if self.entry is None:
+            return None
         jobs = self.live_jobs()
         share = max(1, self.cores // jobs)
         if share == self.threads:

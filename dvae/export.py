@@ -120,7 +120,8 @@ def run_config(checkpoint_path: Path) -> dict[str, Any]:
 
 
 def scale_at(hp: dict[str, Any], step: int) -> float | None:
-    """The Laplace scale b the model was trained with at `step`; None when the decoder predicts it."""
+    """The scale b the model was trained with at `step` (the Laplace's, or for loss=mse the Gaussian's standard
+    deviation); None when the decoder predicts it."""
     mode = hp.get("scale_mode", "learned")
     if mode == "learned":
         return None

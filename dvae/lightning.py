@@ -15,8 +15,15 @@ from torchmetrics import MeanMetric, Metric, SumMetric
 
 from .codebook import perplexity
 from .errors import TrainingError
-from .losses import (LOSSES, logit_laplace_nll_mean, nll_to_bits_per_dim, pixel_nll_to_bits_per_dim, psnr, reconstruct,
-                     reconstruction_loss)
+from .losses import (
+    LOSSES,
+    logit_laplace_nll_mean,
+    nll_to_bits_per_dim,
+    pixel_nll_to_bits_per_dim,
+    psnr,
+    reconstruct,
+    reconstruction_loss,
+)
 from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE, predicts_scale
 from .schedules import Schedule
 from .usage import (

@@ -1,5 +1,5 @@
-"""The reconstruction objectives: the exact logit-Laplace density of the DALL·E paper, and the
-L1 / MSE losses it is compared against.
+"""The reconstruction objectives: the exact logit-Laplace density of the DALL·E paper, and the Laplace
+(loss=l1) and Gaussian (loss=mse) densities of the pixels it is compared against.
 
 Pixels `x` live in [0, 1]. The logit-Laplace density is defined on (0, 1), so pixels are first
 mapped away from the end points with `map_pixels` (y = (1 - 2 eps) x + eps).
@@ -12,7 +12,6 @@ from itertools import zip_longest
 from numbers import Real
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .nll_kernel import fused_logit_laplace_nll

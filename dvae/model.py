@@ -23,7 +23,8 @@ DEFAULT_LOG_SCALE_FLOOR = math.log(0.8 / 256 / 0.25)
 def predicts_scale(loss: str, scale_mode: str) -> bool:
     """Whether the decoder outputs ln b too (2*C maps): with a learned scale, for every loss (each is a
     likelihood with a scale, `reconstruction_loss`). Training, export and `init_from` all build the
-    decoder by this one rule; `loss` is kept in the signature for the files that record it."""
+    decoder by this one rule. (`loss` no longer decides it; checkpoints of l1/mse runs made before it
+    stopped deciding it are read by their weights: `export.model_kwargs`, `resume.check_decoder_output`.)"""
     return scale_mode == "learned"
 
 

@@ -107,3 +107,19 @@ def checkpoint_step(path: Path) -> int:
     """The global step stored in a Lightning checkpoint, read without loading its tensors."""
     checkpoint = load_weights(path, mmap=True)
     return int(checkpoint["global_step"])
+
+
+def check_decoder_output(checkpoint: Path, cfg: DictConfig) -> None:
+    """Refuse, in one sentence, a checkpoint whose decoder output does not fit the run's loss and scale: a
+    loss=l1/mse run from before those losses had a scale has no ln b output even with scale=learned."""
+    from .model import predicts_scale
+
+    weight = load_weights(checkpoint, mmap=True).get("state_dict", {}).get("model.decoder.blocks.output.conv.weight")
+    channels = int(cfg.data.channels)
+    expected = 2 * channels if predicts_scale(cfg.loss, cfg.scale.mode) else channels
+    if weight is not None and weight.shape[0] != expected:
+        raise ConfigError(
+            f"{checkpoint} has a decoder with {weight.shape[0]} output maps but loss={cfg.loss} scale={cfg.scale.mode} "
+            f"now builds one with {expected} (loss=l1 and mse gained a scale output); finish that run with the dvae "
+            "version that started it, or start a new run."
+        )

@@ -571,7 +571,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     from .callbacks import CodebookMonitor, ReconstructionGrid, ShareCores, TrainingClock
     from .checkpointing import Interrupted, RunCheckpoints
     from .data import build_datamodule
-    from .resume import checkpoint_step, readable_step, resolve_resume
+    from .resume import check_decoder_output, checkpoint_step, readable_step, resolve_resume
     from .usage import run_verdict
 
     hydra_cfg = _hydra_config()
@@ -581,6 +581,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     overrides = _command_line_overrides()
     cfg, run_dir, resume_from = resolve_resume(cfg, Path(run_dir), overrides)
     resume_step = readable_step(resume_from) if resume_from is not None else None
+    if resume_from is not None:
+        check_decoder_output(resume_from, cfg)
     hydra_dir = hydra_cfg is not None and Path(hydra_cfg.runtime.output_dir).resolve() == run_dir.resolve()
     check_new_run_dir(cfg, run_dir, hydra_files(hydra_cfg) if hydra_dir else set(),
                       "hydra.sweep.dir" if in_multirun() else "hydra.run.dir")
@@ -613,12 +615,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     last = RunCheckpoints(run_dir / "checkpoints", every_n_steps=cfg.checkpoint.every_n_steps)
     grid = ReconstructionGrid(run_dir / "images")
     monitor = CodebookMonitor(cfg.codebook.collapse_below, stop=bool(cfg.codebook.stop_on_collapse))
-    callbacks = [best, last, grid, monitor, TrainingClock(), *(extra_callbacks or [])]
+    threads = ShareCores(cfg.get("threads", "auto"))
+    callbacks = [best, last, grid, monitor, TrainingClock(), threads, *(extra_callbacks or [])]
     threads_before = torch.get_num_threads()
-    if cfg.get("threads", "auto") == "auto":
-        callbacks.append(ShareCores())
-    else:
-        torch.set_num_threads(int(cfg.threads))
     if cfg.progress_bar and sys.stderr.isatty():
         callbacks.append(RichProgressBar())
     trainer = build_trainer(cfg, run_dir, loggers, callbacks)
@@ -646,6 +645,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
         raise TrainingError(f"{error}; {where}.") from error
     finally:
         torch.set_flush_denormal(False)
+        threads.release()
         torch.set_num_threads(threads_before)
         close_loggers(loggers, status)
     metrics = {
@@ -721,7 +721,7 @@ def hydra_main(cfg: DictConfig) -> float:
         value = train(cfg, job_dir)
     except RunStopped as error:  # SIGTERM or Ctrl-C stops the sweep, not only this job
         record_failure(job_dir, error)
-        print(f"dvae-train: {error}; the sweep stopped here, its later jobs were not started", file=sys.stderr)
+        print(f"dvae-train: {error}; the sweep stops with this job.", file=sys.stderr)
         sys.exit(error.exit_code)
     except Exception as error:
         if isinstance(error, ConfigError):

@@ -174,19 +174,21 @@ def theoretical_cpu_peak(dtype: torch.dtype, cores: int, flags: set[str], vendor
                          ghz: float | None, fma_units: int | None = None) -> dict | None:
     """cores x FLOPs per cycle per core x clock, from what the CPU says it has. float32: vector lanes (16
     with AVX-512, 8 with AVX2) x FMA units x 2 (an FMA is two FLOPs); FMA units are not reported by the
-    CPU: 2 is assumed (1 for AVX-512 on AMD before Zen 5, which runs it on 256-bit units). bfloat16: 2048
-    per cycle with AMX (Intel's figure for its tile unit), else twice the float32 lanes with AVX512-BF16.
-    None when the clock is unknown."""
+    CPU: 2 are assumed (1 for AVX-512 on AMD before Zen 5, which runs it on 256-bit units; 1 FMA's worth,
+    a multiply and an add unit, without FMA). bfloat16: 1024 per cycle with AMX (Intel's figure for its
+    tile unit in BF16), else twice the float32 lanes with AVX512-BF16. None when the clock is unknown.
+    `cores` is the number of threads the benchmark runs."""
     if ghz is None:
         return None
     if dtype == torch.bfloat16 and "amx_bf16" in flags:
-        per_cycle, how = 2048, "AMX-BF16 tiles: 2048 FLOPs/cycle"
+        per_cycle, how = 1024, "AMX-BF16 tiles: 1024 FLOPs/cycle"
     else:
         lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags or "avx" in flags else 4
         if dtype == torch.bfloat16 and "avx512_bf16" in flags:
             lanes *= 2
         if fma_units is None:
-            fma_units = 1 if lanes >= 16 and vendor == "AuthenticAMD" and "avx512_vp2intersect" not in flags else 2
+            zen4 = lanes >= 16 and vendor == "AuthenticAMD" and "avx512_vp2intersect" not in flags
+            fma_units = 1 if zen4 or "fma" not in flags else 2
         per_cycle = lanes * fma_units * 2
         how = f"{lanes} lanes x {fma_units} FMA units x 2"
     return {"gflops": cores * per_cycle * ghz, "cores": cores, "ghz": ghz, "flops_per_cycle": per_cycle,
@@ -337,8 +339,7 @@ def training_benchmark(model: str, size: int, batch: int, device: str, precision
 
 def profile_step(model: str, size: int, batch: int, device: str, precision: str, steps: int = 20) -> dict:
     """Where one training step's time goes (torch.profiler, after warm-up): the share of each part of the
-    step (forward, loss, backward, optimizer, EMA; the backward runs in autograd's own thread, so its ops
-    are counted by name), and the ops with the most time of their own."""
+    step (forward, loss, backward, optimizer, EMA), and the ops with the most time of their own."""
     step = TrainStep(model_config(model, size, batch), device, precision)
     images = torch.rand(batch, 3, size, size, device=device)
     for _ in range(3):
@@ -354,10 +355,9 @@ def profile_step(model: str, size: int, batch: int, device: str, precision: str,
     parts = {e.key.removeprefix("step: "): e.cpu_time_total / steps / 1e6 for e in events if e.key.startswith("step: ")}
     own = sorted((e for e in events if not e.key.startswith("step: ")), key=lambda e: -e.self_cpu_time_total)
     total_own = sum(e.self_cpu_time_total for e in events) / steps / 1e6
-    backward_ops = sum(e.self_cpu_time_total for e in events if "Backward" in e.key or "backward" in e.key)
     return {"model": model, "size": size, "batch": batch, "precision": precision, "step_ms": 1e3 * wall,
             "parts_ms": {k: 1e3 * v for k, v in parts.items()},
-            "backward_ops_ms": 1e3 * backward_ops / steps / 1e6, "all_ops_ms": 1e3 * total_own,
+            "all_ops_ms": 1e3 * total_own,
             "top_ops": [{"op": e.key, "ms": e.self_cpu_time_total / steps / 1e3, "calls": e.count // steps}
                         for e in own[:15]]}
 
@@ -368,9 +368,7 @@ def profile_markdown(profiled: dict) -> str:
              f"{p['precision']}: {p['step_ms']:.1f} ms a step (profiled)", "",
              "| part of the step | ms | share |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {ms:.2f} | {100 * ms / p['step_ms']:.0f}% |" for name, ms in p["parts_ms"].items()]
-    backward = p["backward_ops_ms"]
-    lines += [f"| (backward ops, by name) | {backward:.2f} | {100 * backward / p['step_ms']:.0f}% |",
-              "", "| op (time of its own) | ms a step | calls a step |", "| --- | ---: | ---: |"]
+    lines += ["", "| op (time of its own) | ms a step | calls a step |", "| --- | ---: | ---: |"]
     lines += [f"| {o['op']} | {o['ms']:.2f} | {o['calls']} |" for o in p["top_ops"]]
     return "\n".join(lines)
 

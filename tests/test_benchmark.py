@@ -70,8 +70,9 @@ def load_script(name):
     ({"avx", "avx2", "fma", "avx512f"}, "AuthenticAMD", torch.float32, 32),  # Zen 4: AVX-512 on 256-bit units
     ({"avx", "avx2", "fma", "avx512f", "avx512_vp2intersect"}, "AuthenticAMD", torch.float32, 64),  # Zen 5
     ({"avx", "avx2", "fma"}, "AuthenticAMD", torch.float32, 32),
-    ({"avx512f", "avx512_bf16"}, "GenuineIntel", torch.bfloat16, 128),
-    ({"avx512f", "avx512_bf16", "amx_bf16"}, "GenuineIntel", torch.bfloat16, 2048),
+    ({"avx"}, "GenuineIntel", torch.float32, 16),  # no FMA: a multiply and an add unit
+    ({"avx512f", "fma", "avx512_bf16"}, "GenuineIntel", torch.bfloat16, 128),
+    ({"avx512f", "fma", "avx512_bf16", "amx_bf16"}, "GenuineIntel", torch.bfloat16, 1024),
 ])
 def test_theoretical_peak_is_cores_times_flops_per_cycle_times_clock(flags, vendor, dtype, per_cycle):
     benchmark = load_script("benchmark")

@@ -24,7 +24,7 @@ def test_the_share_counts_live_jobs_and_forgets_ended_ones(tmp_path, sleeper):
     share = CoreShare(cores=8, folder=tmp_path)
     share.register()
     try:
-        assert share.update() is None or share.threads == 8
+        share.update()
         assert share.threads == 8 and torch.get_num_threads() == 8
         (tmp_path / str(sleeper)).write_text("")  # another job starts
         (tmp_path / "999999999").write_text("")  # a job that ended without unregistering (killed)
@@ -36,7 +36,7 @@ def test_the_share_counts_live_jobs_and_forgets_ended_ones(tmp_path, sleeper):
         assert share.update() == (8, 1)
     finally:
         share.unregister()
-    assert torch.get_num_threads() == share.threads_before and not share.entry.exists()
+    assert torch.get_num_threads() == share.threads_before and not (tmp_path / str(os.getpid())).exists()
 
 
 def test_a_reused_pid_is_not_taken_for_the_job_that_registered_it(tmp_path, sleeper):
@@ -48,6 +48,39 @@ def test_a_reused_pid_is_not_taken_for_the_job_that_registered_it(tmp_path, slee
         assert share.live_jobs() == 1
     finally:
         share.unregister()
+
+
+def test_a_folder_others_can_write_to_is_not_used(tmp_path):
+    """Another user could list fake jobs in a folder they can write to: such a folder (or a link) is
+    refused with a warning, and torch keeps its threads."""
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    for folder in (shared, link):
+        share = CoreShare(folder=folder, cores=8)
+        threads = torch.get_num_threads()
+        with pytest.warns(UserWarning, match="could not list this process"):
+            assert share.register() is False
+        assert share.update() is None and torch.get_num_threads() == threads
+        share.unregister()
+        assert not any(folder.iterdir())
+
+
+def test_fixed_threads_are_set_where_training_runs():
+    """threads=N: set when fit starts (in each rank's own process), not before the launcher starts them."""
+    from types import SimpleNamespace
+
+    from dvae.callbacks import ShareCores
+
+    before = torch.get_num_threads()
+    try:
+        ShareCores(1).on_fit_start(SimpleNamespace(is_global_zero=True), None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_child_process_takes_its_share(tmp_path):

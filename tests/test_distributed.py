@@ -4,6 +4,7 @@ ranks synchronise must equal a one-process evaluation of the same weights on the
 so no sample is counted twice or dropped. GPU strategies and precisions are marked `gpu`."""
 
 import json
+import os
 from pathlib import Path
 
 import lightning as L
@@ -46,9 +47,13 @@ def assert_synchronised_metrics_equal_one_process(run_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_spawn_with_two_processes(fast_config, tmp_path):
-    train(fast_config(*TWO_PROCESSES[len(FAST):], "strategy=ddp_spawn"), tmp_path)
-    assert_synchronised_metrics_equal_one_process(tmp_path)
+def test_ddp_spawn_with_two_processes(fast_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("DVAE_JOBS_DIR", str(tmp_path / "jobs"))
+    train(fast_config(*TWO_PROCESSES[len(FAST):], "strategy=ddp_spawn"), tmp_path / "run")
+    assert_synchronised_metrics_equal_one_process(tmp_path / "run")
+    # threads=auto: each spawned rank listed itself (not the parent that built the callback)
+    ranks = [int(entry.name) for entry in (tmp_path / "jobs").iterdir()]
+    assert len(ranks) == 2 and os.getpid() not in ranks
 
 
 @pytest.mark.slow

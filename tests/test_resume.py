@@ -196,3 +196,18 @@ def test_wandb_continues_the_same_run_id(fast_config, tmp_path):
     first, second = build_loggers(cfg, tmp_path)[0], build_loggers(cfg, tmp_path, resume_step=3)[0]
     assert first._wandb_init["id"] == second._wandb_init["id"] == (tmp_path / "wandb-run-id.txt").read_text().strip()
     assert second._wandb_init["resume"] == "allow"
+
+
+def test_a_checkpoint_whose_decoder_does_not_fit_the_loss_is_refused_in_one_sentence(fast_config, tmp_path):
+    """An l1 run from before l1 had a scale output (3 decoder maps) cannot continue under today's rule
+    (6 maps with scale=learned): one sentence, not a size-mismatch traceback from load_state_dict."""
+    from dvae.errors import ConfigError
+    from dvae.resume import check_decoder_output
+
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"global_step": 4, "state_dict": {"model.decoder.blocks.output.conv.weight": torch.zeros(3, 8, 1, 1)}},
+               checkpoint)
+    with pytest.raises(ConfigError, match=r"has a decoder with 3 output maps but loss=l1 scale=learned now builds "
+                                          r"one with 6 .*start a new run\.$"):
+        check_decoder_output(checkpoint, fast_config("loss=l1"))
+    check_decoder_output(checkpoint, fast_config("loss=l1", "scale=constant", "scale.value=0.1"))  # 3 maps: fits

@@ -153,4 +153,4 @@ def test_a_stopped_sweep_job_stops_the_sweep(fast_config, tmp_path, monkeypatch,
         train_module.hydra_main(fast_config())  # a config passed in goes straight to the function
     assert exit_info.value.code == 143
     assert json.loads((tmp_path / "0" / "status.json").read_text())["status"] == "failed"
-    assert "the sweep stopped here" in capsys.readouterr().err
+    assert "the sweep stops with this job." in capsys.readouterr().err
