@@ -46,7 +46,7 @@ def test_quick_benchmark_writes_every_measurement(tmp_path):
             assert KEYS[section] <= entry.keys(), section
     assert {(m["K"], m["fused_codebook"]) for m in results["memory"]} == {(512, True), (8192, True), (8192, False)}
     figures = [v for section in KEYS for entry in ([results[section]] if section == "loss" else results[section])
-               for k, v in entry.items() if k in KEYS[section] and not isinstance(v, bool) and k != "K"]
+               for k, v in entry.items() if k in KEYS[section] and not isinstance(v, (bool, str)) and k != "K"]
     assert all(math.isfinite(v) and v >= 0 for v in figures)
     assert "| model | px |" in result.stdout  # the markdown table
 
