@@ -149,7 +149,7 @@ class ShareCores(L.Callback):
             torch.set_num_threads(self.fixed)
         elif self.share.register():
             self.share.update()
-            self.say(trainer, self.share.threads, self.share.live_jobs())
+            self.say(trainer, self.share.threads, self.share.jobs)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.fixed is None and trainer.global_step % self.check_every == 0:

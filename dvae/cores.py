@@ -74,6 +74,7 @@ class CoreShare:
         self.folder = folder or jobs_dir()
         self.fixed_cores = cores
         self.entry: Path | None = None
+        self.jobs = 1  # processes at the last count
         self.threads = self.threads_before = torch.get_num_threads()
         self.cores = cores or min(available_cores(), self.threads)
 
@@ -125,7 +126,7 @@ class CoreShare:
         """Sets torch's threads to this process's share; (threads, processes) when that changed it."""
         if self.entry is None:
             return None
-        jobs = self.live_jobs()
+        jobs = self.jobs = self.live_jobs()
         share = max(1, self.cores // jobs)
         if share == self.threads:
             return None

@@ -88,7 +88,16 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int, device: str = "cpu
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-class Matmul:
+class Timed:
+    """A callable of known FLOPs."""
+
+    flops: int
+
+    def gflops(self, seconds: float) -> float:
+        return self.flops / seconds / 1e9
+
+
+class Matmul(Timed):
     """An n x n by n x n torch.mm: timed alongside the training steps, to see the machine's speed drift."""
 
     def __init__(self, device: str, dtype: torch.dtype, n: int):
@@ -98,11 +107,8 @@ class Matmul:
     def __call__(self) -> None:
         torch.mm(self.a, self.b)
 
-    def gflops(self, seconds: float) -> float:
-        return self.flops / seconds / 1e9
 
-
-class Convolution:
+class Convolution(Timed):
     """A k x k convolution of a (batch, c, h, w) input to c channels (oneDNN on a CPU, cuDNN on a GPU)."""
 
     def __init__(self, device: str, dtype: torch.dtype, batch: int, channels: int, size: int, kernel: int):
@@ -117,11 +123,8 @@ class Convolution:
     def __call__(self) -> None:
         torch.nn.functional.conv2d(self.x, self.w, padding=self.padding)
 
-    def gflops(self, seconds: float) -> float:
-        return self.flops / seconds / 1e9
 
-
-class Linear:
+class Linear(Timed):
     """A large fully connected layer: (rows, n) x (n, n)."""
 
     def __init__(self, device: str, dtype: torch.dtype, rows: int, n: int):
@@ -132,17 +135,13 @@ class Linear:
     def __call__(self) -> None:
         torch.nn.functional.linear(self.x, self.w)
 
-    def gflops(self, seconds: float) -> float:
-        return self.flops / seconds / 1e9
-
 
 def measured_paths(device: str, dtype: torch.dtype, quick: bool) -> dict:
     """The ways this machine multiplies fastest, each sized to run near its best: a torch.mm, 1x1 and 3x3
     convolutions and a linear layer. A model's steps run on the same kernels, so none of them is a limit
     by itself: the limit is the best of them (or the theoretical figure, if that is higher)."""
-    small = quick
-    n = 512 if small else 2048 if device == "cpu" else 8192
-    batch, channels, size = (4, 128, 16) if small else (32, 256, 32) if device == "cpu" else (64, 512, 64)
+    n = 512 if quick else 2048 if device == "cpu" else 8192
+    batch, channels, size = (4, 128, 16) if quick else (32, 256, 32) if device == "cpu" else (64, 512, 64)
     return {
         f"torch.mm {n}x{n}": Matmul(device, dtype, n),
         f"1x1 convolution {channels} ch {size} px": Convolution(device, dtype, batch, channels, size, 1),
