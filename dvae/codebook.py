@@ -19,13 +19,16 @@ class GumbelCodebook(nn.Module):
     `fused=True` (the default) lets `project` and `kl_to_uniform` keep only the logits for the
     backward pass instead of the relaxed one-hot, log q and q: three [B, K, h, w] tensors become one.
     `fused=False` is the straightforward autograd version, kept to measure and test against.
+    A fused pass keeps its sample too when it is at most `keep_sample_bytes` (the tiny model's 4 MB):
+    drawing the noise again in backward costs more time than so small a tensor costs memory.
     """
 
-    def __init__(self, K: int, hard: bool = False, fused: bool = True):
+    def __init__(self, K: int, hard: bool = False, fused: bool = True, keep_sample_bytes: int = 16 * 2**20):
         super().__init__()
         self.K = K
         self.hard = hard
         self.fused = fused
+        self.keep_sample_bytes = keep_sample_bytes
 
     def forward(self, logits: Tensor, tau: float) -> Tensor:
         if not tau > 0:  # NaN too
@@ -46,7 +49,8 @@ class GumbelCodebook(nn.Module):
             raise ValueError(f"the Gumbel-softmax temperature must be > 0, got tau={tau}.")
         if not (self.fused and self.training and logits.device.type in ("cpu", "cuda")):
             return conv(self(logits, tau))
-        return GumbelSoftmaxProjection.apply(logits, conv.weight, conv.bias, tau, self.hard)
+        keep_sample = logits.numel() * logits.element_size() <= self.keep_sample_bytes
+        return GumbelSoftmaxProjection.apply(logits, conv.weight, conv.bias, tau, self.hard, keep_sample)
 
     def kl_to_uniform(self, logits: Tensor) -> Tensor:
         """KL(q || uniform(K)) per latent position, [B, h, w]: sum_k q log q + log K (in float32 at least)."""
@@ -96,7 +100,8 @@ def _rng_state(device: torch.device) -> Tensor:
 
 class GumbelSoftmaxProjection(torch.autograd.Function):
     """conv1x1(gumbel_softmax(logits, tau, hard), weight, bias), saving the logits and the state of
-    the random generator instead of the [B, K, h, w] sample: backward draws the same noise again.
+    the random generator instead of the [B, K, h, w] sample: backward draws the same noise again
+    (unless `keep_sample`: then the sample is saved as well, and backward reads it).
 
     With z = softmax((logits + g) / tau), s = W^T grad_out (per position):
     grad_logits = z * (s - sum_k z_k s_k) / tau, grad_W = sum over positions of grad_out x input,
@@ -104,11 +109,12 @@ class GumbelSoftmaxProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, weight: Tensor, bias: Tensor | None, tau: float, hard: bool) -> Tensor:
-        ctx.rng_state = _rng_state(logits.device)
+    def forward(ctx, logits: Tensor, weight: Tensor, bias: Tensor | None, tau: float, hard: bool,
+                keep_sample: bool = False) -> Tensor:
+        ctx.rng_state = None if keep_sample else _rng_state(logits.device)
         soft = _relaxed_sample(logits, tau)
         ctx.tau, ctx.hard = tau, hard
-        ctx.save_for_backward(logits, weight)
+        ctx.save_for_backward(logits, weight, *([soft] if keep_sample else []))
         if hard:
             codes = weight[:, :, 0, 0].t()  # (K, D)
             out = F.embedding(soft.argmax(dim=1), codes).permute(0, 3, 1, 2)  # (B, D, h, w)
@@ -117,9 +123,9 @@ class GumbelSoftmaxProjection(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        logits, weight = ctx.saved_tensors
+        logits, weight, *kept = ctx.saved_tensors
         need_logits, need_weight, need_bias = ctx.needs_input_grad[:3]
-        soft = _relaxed_sample(logits, ctx.tau, ctx.rng_state)
+        soft = kept[0] if kept else _relaxed_sample(logits, ctx.tau, ctx.rng_state)
         dtype = grad_out.dtype  # under autocast the forward convolution ran in this precision
         grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad_out, soft.to(dtype), weight.to(dtype), [weight.shape[0]], [1, 1], [0, 0], [1, 1], False,
@@ -135,7 +141,7 @@ class GumbelSoftmaxProjection(torch.autograd.Function):
             grad_logits = grad_input.mul_(soft).div_(ctx.tau).to(logits.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_logits, grad_weight, grad_bias, None, None
+        return grad_logits, grad_weight, grad_bias, None, None, None
 
 
 def _at_least_float32(t: Tensor) -> Tensor:

@@ -182,6 +182,7 @@ class DVAELightning(L.LightningModule):
         self.usage = UsageWindow(K, usage_window)
         self.bad_steps_in_a_row = 0
         self.bad_steps_total = 0
+        self.step_metrics: dict = {}  # this update's training metrics (training_step), for on_train_batch_end
         self.first_bad_step: int | None = None
         self.skip_this_update = False
 
@@ -260,9 +261,18 @@ class DVAELightning(L.LightningModule):
         logs["train/perplexity"] = perplexity(self.usage.total)
         if log_scale is not None:
             logs["train/scale"] = log_scale.detach().exp().mean()
-        self.log_dict(logs, prog_bar=False, batch_size=batch.shape[0])
+        self.step_metrics = logs  # logged in on_train_batch_end, on the updates the loggers write
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=batch.shape[0])
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """The training metrics go to Lightning only on the updates its loggers write (every
+        trainer.log_every_n_steps, and when the run stops): each self.log costs about 0.3 ms of
+        Python, several percent of a tiny-model update when made every update."""
+        every, trainer = self.trainer.log_every_n_steps, self.trainer
+        if self.step_metrics and (every and self.global_step % every == 0 or trainer.should_stop):
+            self.step_metrics["train/skipped_updates"] = float(self.bad_steps_total)
+            self.log_dict(self.step_metrics, batch_size=batch.shape[0])
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """The non-finite guard: an update whose loss or gradient is not finite is skipped (AdamW leaves
@@ -292,7 +302,6 @@ class DVAELightning(L.LightningModule):
             self.first_bad_step = self.first_bad_step or step
             self.print(f"dvae-train: step {step}: the loss or a gradient is not finite; this update was skipped "
                        f"({self.bad_steps_in_a_row} in a row, {self.bad_steps_total} in all).")
-        self.log("train/skipped_updates", float(self.bad_steps_total))
         if self.bad_steps_in_a_row >= self.hparams.max_bad_steps:
             raise NonFiniteTraining(
                 f"the loss or gradients were not finite for {self.bad_steps_in_a_row} updates in a row (steps "
@@ -405,10 +414,12 @@ class DVAELightning(L.LightningModule):
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             (no_decay if name.endswith("bias") else decay).append(p)
+        # on the CPU torch's default steps one parameter at a time; the fused step is 2.4x faster (docs/benchmarks.md)
+        on_cpu = all(p.device.type == "cpu" for p in decay + no_decay)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps,
+            lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps, fused=True if on_cpu else None,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: self.lr_schedule(step) / hp.lr

@@ -59,7 +59,7 @@ class TrainingTrace(L.Callback):
         p = counts / counts.sum()
         token_entropy = -(p[p > 0] * p[p > 0].log()).sum()
         top2 = logits.topk(2, dim=1).values
-        metrics = trainer.callback_metrics
+        metrics = pl_module.step_metrics  # this update's (Lightning's callback_metrics only every n updates)
         row = {
             "step": trainer.global_step,
             "loss": float(metrics.get("train/loss", float("nan"))),

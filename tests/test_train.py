@@ -164,3 +164,36 @@ def test_training_seconds_grow_and_leave_validation_out(fast_config, tmp_path, m
     # calls: training starts, then three validations; the third began before calls[3], and the first
     # two (0.5 s each at least) are not counted
     assert seconds[-1] <= calls[3] - calls[0] - 2 * 0.5 + 0.05, (seconds, calls)
+
+
+@pytest.mark.parametrize("stop_after", [None, 5], ids=["full", "stopped"])
+def test_training_metrics_reach_the_logger_as_when_logged_every_update(stop_after, fast_config, tmp_path, monkeypatch):
+    """The module hands its training metrics to Lightning only on the updates the loggers write (a speed-up):
+    metrics.csv holds the same training rows as with the plain version that logs every update, a run that
+    stops between two logging updates included."""
+    import lightning
+
+    from dvae.lightning import DVAELightning as Module
+
+    class StopAfter(lightning.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = trainer.should_stop or trainer.global_step == stop_after
+
+    def log_every_update(self, outputs, batch, batch_idx):
+        self.log_dict({**self.step_metrics, "train/skipped_updates": float(self.bad_steps_total)},
+                      batch_size=batch.shape[0])
+
+    def training_rows(run_dir):
+        rows = [r for r in csv.DictReader(open(run_dir / "logs" / "metrics.csv")) if r.get("train/loss")]
+        return [{k: v for k, v in r.items() if k == "step" or k.startswith("train/")} for r in rows]
+
+    cfg = fast_config("data=shapes", "trainer.max_steps=8", "trainer.val_check_interval=4",
+                      "trainer.log_every_n_steps=3")
+    extra = [StopAfter()] if stop_after else []
+    train(cfg, run_dir=tmp_path / "gated", extra_callbacks=extra)
+    with monkeypatch.context() as patched:
+        patched.setattr(Module, "on_train_batch_end", log_every_update)
+        train(cfg, run_dir=tmp_path / "plain", extra_callbacks=extra)
+    gated = training_rows(tmp_path / "gated")
+    assert [int(r["step"]) for r in gated] == ([2, 4] if stop_after else [2, 5])
+    assert gated == training_rows(tmp_path / "plain")
