@@ -80,31 +80,6 @@ def test_channels_last_training_computes_the_same_loss_and_gradients():
     assert fast.ema_model.encoder.blocks.input.weight.is_contiguous()  # loaded and exported models are NCHW
 
 
-def test_the_fused_cpu_optimizer_step_equals_the_plain_adamw_step():
-    """configure_optimizers takes torch's fused AdamW on the CPU (a speed-up): the same update as the
-    one-parameter-at-a-time AdamW with the same groups, over a few steps."""
-    torch.manual_seed(0)
-    module = DVAELightning(n_hid=8, groups=2, K=16, n_init=8, lr=1e-2, weight_decay=0.1)
-    fused = module.configure_optimizers()["optimizer"]
-    assert fused.defaults["fused"]
-    plain_params = [p.detach().clone().requires_grad_() for p in module.model.parameters()]
-    initial = [p.detach().clone() for p in plain_params]
-    index = {id(p): i for i, p in enumerate(module.model.parameters())}
-    plain = torch.optim.AdamW([{**g, "params": [plain_params[index[id(p)]] for p in g["params"]],
-                                "fused": None, "foreach": False} for g in fused.param_groups])
-    assert {g["weight_decay"] for g in plain.param_groups} == {0.0, 0.1}
-    for _ in range(3):
-        for p, q in zip(module.model.parameters(), plain_params):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        fused.step()
-        plain.step()
-    moved = [not torch.equal(p.detach(), start) for p, start in zip(module.model.parameters(), initial)]
-    assert all(moved)
-    for p, q in zip(module.model.parameters(), plain_params):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
-
-
 @pytest.mark.parametrize("n_layers", [4, 3], ids=["power-of-two gain", "gain 1/9"])
 @pytest.mark.parametrize("n_in", [8, 16], ids=["1x1 identity path", "identity"])
 def test_a_residual_block_computes_id_path_plus_post_gain_times_res_path(n_layers, n_in):
