@@ -161,6 +161,7 @@ RULES: dict[str, Any] = {
     "data.min_scale": Rule(float, 0, 1, low_open=True),
     "data.val_fraction": Rule(float, 0, 1, high_open=True),
     "data.shuffle_buffer": Rule(int, 1),
+    "data.cache_mb": Rule(float, 0, hint="0 keeps no decoded images"),
     "model.n_hid": Rule(int, 1),
     "model.blocks_per_group": Rule(int, 1),
     "model.groups": Rule(int, 1, 16, hint="the downsampling factor is 2**(groups-1)"),

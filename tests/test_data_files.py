@@ -297,3 +297,55 @@ def test_images_of_every_depth_are_scaled_by_their_value_range(tmp_path, name, w
     assert image.dtype == torch.uint8 and image.shape == (3, 6, 8)
     difference = image.permute(1, 2, 0).numpy().astype(int) - np.rint(expected * 255).astype(int)
     assert np.abs(difference).max() <= 1, image
+
+
+def test_decoded_images_keep_the_most_recent_within_the_bound():
+    from dvae.data.folder import DecodedImages
+
+    reads = []
+
+    def reader(key, size):
+        return lambda: reads.append(key) or torch.zeros(size, dtype=torch.uint8)
+
+    cache = DecodedImages(max_bytes=250)
+    for key in (0, 1, 0, 2):  # 100 bytes each: 0 and 1, then 0 used again, then 2 pushes out 1 (least recent)
+        cache.get(key, reader(key, 100))
+    assert reads == [0, 1, 2] and list(cache.images) == [0, 2] and cache.bytes == 200
+    cache.get(1, reader(1, 100))
+    assert reads == [0, 1, 2, 1] and list(cache.images) == [2, 1]
+    big = cache.get(9, reader(9, 300))  # larger than the whole bound: served, not kept, nothing pushed out
+    assert big.numel() == 300 and list(cache.images) == [2, 1] and cache.bytes == 200
+
+
+def test_a_cached_folder_serves_the_same_crops_and_reads_each_file_once(tmp_path, monkeypatch):
+    import dvae.data.folder
+
+    write_images(tmp_path / "images", 6, size=40)
+    counted = []
+    monkeypatch.setattr(dvae.data.folder, "read_rgb", lambda path: counted.append(path) or read_rgb(path))
+    batches = {}
+    for mb in (0, 1):
+        counted.clear()
+        dm = DVAEDataModule("folder", root=str(tmp_path / "images"), crop_size=16, batch_size=4, train_samples=24,
+                            val_fraction=0.3, cache_mb=mb)
+        counted.clear()  # the files read before training (FileCheck) are not served crops
+        batches[mb] = [torch.cat(list(dm.train_dataloader())), torch.cat(list(dm.val_dataloader()))]
+        reads = len(counted)
+    assert reads == 6  # with the cache: each of the 6 files once, for 24 crops and the validation set
+    for plain, cached in zip(*batches.values()):
+        assert torch.equal(plain, cached)
+
+
+@pytest.mark.parametrize("options, words", [({"cache_mb": -1}, "data.cache_mb=-1"),
+                                            ({"cache_mb": "lots"}, "data.cache_mb='lots'")])
+def test_a_bad_cache_size_is_one_sentence(tmp_path, options, words):
+    write_images(tmp_path / "images", 3)
+    with pytest.raises(ConfigError) as error:
+        folder(tmp_path / "images", **options)
+    check_sentence(str(error.value), words)
+
+
+def test_the_cache_is_refused_for_a_source_without_image_files():
+    with pytest.raises(ConfigError) as error:
+        DVAEDataModule("photos", cache_mb=64)
+    check_sentence(str(error.value), "data.cache_mb", "data=photos")

@@ -29,6 +29,7 @@ from .torchvision_sets import build_cifar10, build_mnist
 
 SOURCES = ("photos", "shapes", "folder", "mnist", "cifar10", "celeba", "imagenet", "webdataset")
 BAD_FILE_POLICIES = ("skip", "error")
+FILE_SOURCES = ("folder", "celeba", "imagenet")  # read image files through FolderImages
 MIN_CROP_SIZE = 8
 
 
@@ -46,7 +47,7 @@ class DVAEDataModule(L.LightningDataModule):
                  train_samples: int = 4096, val_samples: int = 256, val_fraction: float = 0.05,
                  download: bool = False, val_batch_size: int | None = None, min_scale: float = 0.25,
                  augment: str = "crop", on_bad_file: str = "skip", rescan: bool = False, index: str | None = None,
-                 urls: Any = None, val_urls: Any = None, shuffle_buffer: int = 1000) -> None:
+                 urls: Any = None, val_urls: Any = None, shuffle_buffer: int = 1000, cache_mb: float = 0) -> None:
         super().__init__()
         self.source = source
         self.root = None if root is None else os.fspath(root)
@@ -68,6 +69,7 @@ class DVAEDataModule(L.LightningDataModule):
         self.urls = urls
         self.val_urls = val_urls
         self.shuffle_buffer = shuffle_buffer
+        self.cache_mb = cache_mb
         self.validate()
         # created only when a file is skipped; workers inherit the path and write beside the main process
         self.bad_file_log = BadFiles(Path(tempfile.gettempdir()) / f"dvae-bad-files-{os.getpid()}-{uuid.uuid4().hex}")
@@ -114,6 +116,12 @@ class DVAEDataModule(L.LightningDataModule):
                 f"data.val_fraction={self.val_fraction!r} is out of range; set data.val_fraction to a number "
                 f"in [0, 1)."
             )
+        if not _is_number(self.cache_mb) or not self.cache_mb >= 0:
+            raise ConfigError(f"data.cache_mb={self.cache_mb!r} is out of range; set data.cache_mb to the megabytes of "
+                              "decoded images to keep per data-loading process, 0 or more (0: none).")
+        if self.cache_mb and self.source not in FILE_SOURCES:
+            raise ConfigError(f"data.cache_mb applies to data={', '.join(FILE_SOURCES)} (image files), not to "
+                              f"data={self.source}; remove data.cache_mb.")
         if not _is_number(self.min_scale) or not 0 < self.min_scale <= 1:
             raise ConfigError(
                 f"data.min_scale={self.min_scale!r} is out of range; set data.min_scale to a number in "
@@ -126,7 +134,8 @@ class DVAEDataModule(L.LightningDataModule):
                                 self.seed, self.random_flip)
         if self.source == "shapes":
             return build_shapes(self.crop_size, self.train_samples, self.val_samples, self.seed)
-        files = {"augment": self.augment, "on_bad_file": self.on_bad_file, "bad_files": self.bad_file_log}
+        files = {"augment": self.augment, "on_bad_file": self.on_bad_file, "bad_files": self.bad_file_log,
+                 "cache_mb": float(self.cache_mb)}
         if self.source == "folder":
             return build_folder(self.root, self.crop_size, self.train_samples, float(self.val_fraction),
                                 self.seed, self.random_flip, rescan=self.rescan, index=self.index, **files)

@@ -1,6 +1,7 @@
 """Any directory tree of image files (`data.root=PATH`), searched recursively.
 
-Images are read from disk on every access (a folder may not fit in memory), converted to RGB (grey,
+Images are read from disk on access, the most recent ones kept decoded up to `data.cache_mb` per data-loading
+process (a small folder is decoded once, not once per crop; a folder that does not fit costs reads as before), converted to RGB (grey,
 palette, RGBA, 16-bit, 32-bit and float images included, see `rgb_array`), upscaled with a warning if smaller
 than the crop, then cropped: random crop + flip (or `data.augment=paper`) for training, center crop for
 validation. Symlinked folders are followed (each folder is read once, so a link loop ends); entries that are
@@ -20,6 +21,8 @@ import io
 import os
 import stat
 import warnings
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -329,24 +332,48 @@ class FileCheck:
         return [path for path in files if path not in unreadable]
 
 
+class DecodedImages:
+    """The images read most recently, decoded, up to `max_bytes` in all (the least recently used leave first)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.images: OrderedDict[int, Tensor] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, key: int, read: Callable[[], Tensor]) -> Tensor:
+        if key in self.images:
+            self.images.move_to_end(key)
+            return self.images[key]
+        image = read()
+        size = image.numel() * image.element_size()
+        if size <= self.max_bytes:
+            self.images[key] = image
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self.images.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()
+        return image
+
+
 class FolderImages(CroppedImages):
     channels = 3
 
     def __init__(self, files: list[Path], crop_size: int, train: bool, seed: int, random_flip: bool,
                  min_length: int = 0, augment: str = "crop", bad_files: BadFiles | None = None,
-                 on_bad_file: str = "skip") -> None:
+                 on_bad_file: str = "skip", cache_mb: float = 0) -> None:
         super().__init__(len(files), crop_size, train, seed, random_flip, min_length, augment=augment)
         self.files = files
         self.bad_files = bad_files
         self.on_bad_file = on_bad_file
         self.warned_small: set[int] = set()
+        self.decoded = DecodedImages(int(cache_mb * 2**20))
 
     def load_image(self, index: int) -> Tensor:
         """Image `index`, or with on_bad_file=skip the next readable one after it (deterministic)."""
         for offset in range(len(self.files)):
             candidate = (index + offset) % len(self.files)
             try:
-                image = read_rgb(self.files[candidate])
+                image = self.decoded.get(candidate, lambda: read_rgb(self.files[candidate]))
             except OSError as error:
                 reason = one_line(error.__cause__ or error)
                 if isinstance(error.__cause__, FileNotFoundError):
@@ -368,7 +395,8 @@ class FolderImages(CroppedImages):
 
 def build_folder(root: str | None, crop_size: int, train_samples: int, val_fraction: float, seed: int,
                  random_flip: bool, augment: str = "crop", on_bad_file: str = "skip", rescan: bool = False,
-                 index: str | None = None, bad_files: BadFiles | None = None) -> tuple[FolderImages, FolderImages]:
+                 index: str | None = None, bad_files: BadFiles | None = None,
+                 cache_mb: float = 0) -> tuple[FolderImages, FolderImages]:
     if root is None or str(root).strip() in ("", "???"):
         raise ConfigError("data.root is not set; set data.root to a directory of image files.")
     path = Path(root).expanduser()
@@ -407,7 +435,7 @@ def build_folder(root: str | None, crop_size: int, train_samples: int, val_fract
             "or set data.root to a folder of readable images."
         )
     check.report()
-    options = {"bad_files": bad_files, "on_bad_file": on_bad_file}
+    options = {"bad_files": bad_files, "on_bad_file": on_bad_file, "cache_mb": cache_mb}
     return (FolderImages(train, crop_size, True, seed, random_flip, min_length=train_samples, augment=augment,
                          **options),
             FolderImages(val, crop_size, False, seed, random_flip, **options))

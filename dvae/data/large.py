@@ -29,7 +29,8 @@ IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
 
 
 def build_celeba(root: str | None, crop_size: int, train_samples: int, seed: int, random_flip: bool,
-                 augment: str, on_bad_file: str, bad_files: BadFiles | None) -> tuple[FolderImages, FolderImages]:
+                 augment: str, on_bad_file: str, bad_files: BadFiles | None,
+                 cache_mb: float = 0) -> tuple[FolderImages, FolderImages]:
     from torchvision import datasets
 
     path = Path(root or ".").expanduser()
@@ -47,7 +48,7 @@ def build_celeba(root: str | None, crop_size: int, train_samples: int, seed: int
         return check.fixed_split(files, name, path)
 
     check = FileCheck(on_bad_file, bad_files)
-    options = {"bad_files": bad_files, "on_bad_file": on_bad_file}
+    options = {"bad_files": bad_files, "on_bad_file": on_bad_file, "cache_mb": cache_mb}
     train, val = split("train"), split("valid")
     check.report()
     return (FolderImages(train, crop_size, True, seed, random_flip, train_samples, augment, **options),
@@ -56,7 +57,7 @@ def build_celeba(root: str | None, crop_size: int, train_samples: int, seed: int
 
 def build_imagenet(root: str | None, crop_size: int, train_samples: int, seed: int, random_flip: bool,
                    augment: str, on_bad_file: str, bad_files: BadFiles | None,
-                   rescan: bool) -> tuple[FolderImages, FolderImages]:
+                   rescan: bool, cache_mb: float = 0) -> tuple[FolderImages, FolderImages]:
     path = Path(root or ".").expanduser()
 
     def split(name: str) -> list[Path]:
@@ -71,7 +72,7 @@ def build_imagenet(root: str | None, crop_size: int, train_samples: int, seed: i
         return check.fixed_split(files, name, path)
 
     check = FileCheck(on_bad_file, bad_files)
-    options = {"bad_files": bad_files, "on_bad_file": on_bad_file}
+    options = {"bad_files": bad_files, "on_bad_file": on_bad_file, "cache_mb": cache_mb}
     train, val = split("train"), split("val")
     check.report()
     return (FolderImages(train, crop_size, True, seed, random_flip, train_samples, augment, **options),
