@@ -1,8 +1,8 @@
 """Any directory tree of image files (`data.root=PATH`), searched recursively.
 
-Images are read from disk on access, the most recent ones kept decoded up to `data.cache_mb` per data-loading
-process (a small folder is decoded once, not once per crop; a folder that does not fit costs reads as before), converted to RGB (grey,
-palette, RGBA, 16-bit, 32-bit and float images included, see `rgb_array`), upscaled with a warning if smaller
+Images are read from disk on access, the most recent ones kept decoded up to `data.cache_mb` per
+data-loading process (a small folder is decoded once, not once per crop), converted to RGB (grey, palette,
+RGBA, 16-bit, 32-bit and float images included, see `rgb_array`), upscaled with a warning if smaller
 than the crop, then cropped: random crop + flip (or `data.augment=paper`) for training, center crop for
 validation. Symlinked folders are followed (each folder is read once, so a link loop ends); entries that are
 not regular files (FIFOs, devices, broken links) are never opened.
@@ -16,6 +16,7 @@ before training with a ConfigError, mid-run with an `UnreadableImage` (a Trainin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -373,7 +374,7 @@ class FolderImages(CroppedImages):
         for offset in range(len(self.files)):
             candidate = (index + offset) % len(self.files)
             try:
-                image = self.decoded.get(candidate, lambda: read_rgb(self.files[candidate]))
+                image = self.decoded.get(candidate, functools.partial(read_rgb, self.files[candidate]))
             except OSError as error:
                 reason = one_line(error.__cause__ or error)
                 if isinstance(error.__cause__, FileNotFoundError):
