@@ -49,8 +49,7 @@ class GumbelCodebook(nn.Module):
             raise ValueError(f"the Gumbel-softmax temperature must be > 0, got tau={tau}.")
         if not (self.fused and self.training and logits.device.type in ("cpu", "cuda")):
             return conv(self(logits, tau))
-        keep_sample = logits.numel() * logits.element_size() <= self.keep_sample_bytes
-        return GumbelSoftmaxProjection.apply(logits, conv.weight, conv.bias, tau, self.hard, keep_sample)
+        return GumbelSoftmaxProjection.apply(logits, conv.weight, conv.bias, tau, self.hard, self.keep_sample_bytes)
 
     def kl_to_uniform(self, logits: Tensor) -> Tensor:
         """KL(q || uniform(K)) per latent position, [B, h, w]: sum_k q log q + log K (in float32 at least)."""
@@ -101,7 +100,7 @@ def _rng_state(device: torch.device) -> Tensor:
 class GumbelSoftmaxProjection(torch.autograd.Function):
     """conv1x1(gumbel_softmax(logits, tau, hard), weight, bias), saving the logits and the state of
     the random generator instead of the [B, K, h, w] sample: backward draws the same noise again
-    (unless `keep_sample`: then the sample is saved as well, and backward reads it).
+    (unless the sample is at most `keep_sample_bytes`: then it is saved as well, and backward reads it).
 
     With z = softmax((logits + g) / tau), s = W^T grad_out (per position):
     grad_logits = z * (s - sum_k z_k s_k) / tau, grad_W = sum over positions of grad_out x input,
@@ -110,9 +109,11 @@ class GumbelSoftmaxProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, weight: Tensor, bias: Tensor | None, tau: float, hard: bool,
-                keep_sample: bool = False) -> Tensor:
-        ctx.rng_state = None if keep_sample else _rng_state(logits.device)
+                keep_sample_bytes: int = 0) -> Tensor:
+        rng_state = _rng_state(logits.device)
         soft = _relaxed_sample(logits, tau)
+        keep_sample = soft.numel() * soft.element_size() <= keep_sample_bytes  # its own dtype (autocast's)
+        ctx.rng_state = None if keep_sample else rng_state
         ctx.tau, ctx.hard = tau, hard
         ctx.save_for_backward(logits, weight, *([soft] if keep_sample else []))
         if hard:

@@ -267,12 +267,12 @@ class DVAELightning(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         """The training metrics go to Lightning only on the updates its loggers write (every
-        trainer.log_every_n_steps, and when the run stops): each self.log costs about 0.3 ms of
-        Python, several percent of a tiny-model update when made every update."""
-        every, trainer = self.trainer.log_every_n_steps, self.trainer
-        if self.step_metrics and (every and self.global_step % every == 0 or trainer.should_stop):
+        trainer.log_every_n_steps, and when the run stops: Lightning's own rule, which its
+        LearningRateMonitor reads too): self.log is Python work that other updates would throw away."""
+        if self.step_metrics and self.trainer._logger_connector.should_update_logs:
             self.step_metrics["train/skipped_updates"] = float(self.bad_steps_total)
             self.log_dict(self.step_metrics, batch_size=batch.shape[0])
+        self.step_metrics = {}  # no autograd graph kept past the update
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """The non-finite guard: an update whose loss or gradient is not finite is skipped (AdamW leaves

@@ -118,7 +118,7 @@ class DVAEDataModule(L.LightningDataModule):
             )
         if not _is_number(self.cache_mb) or not self.cache_mb >= 0:
             raise ConfigError(f"data.cache_mb={self.cache_mb!r} is out of range; set data.cache_mb to the megabytes of "
-                              "decoded images to keep per data-loading process, 0 or more (0: none).")
+                              "decoded images to keep per split and data-loading process, 0 or more (0: none).")
         if self.cache_mb and self.source not in FILE_SOURCES:
             raise ConfigError(f"data.cache_mb applies to data={', '.join(FILE_SOURCES)} (image files), not to "
                               f"data={self.source}; remove data.cache_mb.")

@@ -1,7 +1,7 @@
 """Any directory tree of image files (`data.root=PATH`), searched recursively.
 
-Images are read from disk on access, the most recent ones kept decoded up to `data.cache_mb` per
-data-loading process (a small folder is decoded once, not once per crop), converted to RGB (grey, palette,
+Images are read from disk on access, the most recent ones kept decoded up to `data.cache_mb` per split
+and data-loading process (a small folder is decoded once, not once per crop), converted to RGB (grey, palette,
 RGBA, 16-bit, 32-bit and float images included, see `rgb_array`), upscaled with a warning if smaller
 than the crop, then cropped: random crop + flip (or `data.augment=paper`) for training, center crop for
 validation. Symlinked folders are followed (each folder is read once, so a link loop ends); entries that are
