@@ -112,7 +112,7 @@ class GumbelSoftmaxProjection(torch.autograd.Function):
                 keep_sample_bytes: int = 0) -> Tensor:
         rng_state = _rng_state(logits.device)
         soft = _relaxed_sample(logits, tau)
-        keep_sample = soft.numel() * soft.element_size() <= keep_sample_bytes  # its own dtype (autocast's)
+        keep_sample = soft.nbytes <= keep_sample_bytes  # in its own dtype (autocast's)
         ctx.rng_state = None if keep_sample else rng_state
         ctx.tau, ctx.hard = tau, hard
         ctx.save_for_backward(logits, weight, *([soft] if keep_sample else []))

@@ -75,8 +75,7 @@ class CoreShare:
         self.fixed_cores = cores
         self.entry: Path | None = None
         self.jobs = 1  # processes at the last count
-        self.threads = self.threads_before = torch.get_num_threads()
-        self.cores = cores or min(available_cores(), self.threads)
+        self.threads = self.threads_before = self.cores = 0  # counted by register, in the training process
 
     def register(self) -> bool:
         """List this process; False (torch's threads left as they are, with a warning) where it cannot."""

@@ -278,22 +278,32 @@ def training_loss(model, images):
     return logit_laplace_nll(images, out.mu, out.log_scale).mean() + model.quantizer.kl_to_uniform(out.logits).mean()
 
 
-@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
-def test_a_fused_training_pass_keeps_one_code_sized_tensor_and_computes_the_same(hard):
+def small_model_and_images(hard: bool):
     generator, seed = fresh_generator()
     images = torch.rand(2, 3, 8, 8, generator=generator)
-    fused = DVAE(n_hid=8, blocks_per_group=1, groups=2, K=64, n_init=8, hard=hard)
+    return DVAE(n_hid=8, blocks_per_group=1, groups=2, K=64, n_init=8, hard=hard), images, seed
+
+
+def seeded_backward(model, images, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss and its gradients with the generator seeded; the loss and the generator's next draw."""
+    model.zero_grad()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        loss = training_loss(model, images)
+        loss.backward()
+        return loss, torch.rand(1)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_a_fused_training_pass_keeps_one_code_sized_tensor_and_computes_the_same(hard):
+    fused, images, seed = small_model_and_images(hard)
     fused.quantizer.keep_sample_bytes = 0  # what a large codebook gets: the noise is drawn again in backward
     plain = copy.deepcopy(fused)
     plain.quantizer.fused = False
     assert code_sized_saved_tensors(fused, images) == 1
     assert code_sized_saved_tensors(plain, images) >= 3
     for model in (fused, plain):
-        model.zero_grad()
-        with torch.random.fork_rng():
-            torch.manual_seed(len(seed))
-            loss = training_loss(model, images)
-        loss.backward()
+        seeded_backward(model, images, len(seed))
     for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
         assert_float32_close(p.grad.double(), q.grad.double(), f"{name}, {seed}")
 
@@ -302,20 +312,13 @@ def test_a_fused_training_pass_keeps_one_code_sized_tensor_and_computes_the_same
 def test_a_kept_sample_gives_the_gradients_of_the_noise_drawn_again(hard):
     """Small samples are kept for backward instead of drawn again (a speed-up): bit for bit the same output
     and gradients, one more code-sized tensor kept."""
-    generator, seed = fresh_generator()
-    images = torch.rand(2, 3, 8, 8, generator=generator)
-    kept = DVAE(n_hid=8, blocks_per_group=1, groups=2, K=64, n_init=8, hard=hard)
+    kept, images, seed = small_model_and_images(hard)
     drawn = copy.deepcopy(kept)
     drawn.quantizer.keep_sample_bytes = 0
     assert code_sized_saved_tensors(kept, images) == 2
     results = []
     for model in (kept, drawn):
-        model.zero_grad()
-        with torch.random.fork_rng():
-            torch.manual_seed(len(seed))
-            loss = training_loss(model, images)
-            loss.backward()
-            after = torch.rand(1)  # the generator is left where the plain version leaves it
+        loss, after = seeded_backward(model, images, len(seed))  # after: the generator's next draw, the same
         results.append([loss, after, *(p.grad for p in model.parameters())])
     for got, want in zip(*results):
         assert torch.equal(got, want), seed

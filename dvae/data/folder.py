@@ -346,13 +346,12 @@ class DecodedImages:
             self.images.move_to_end(key)
             return self.images[key]
         image = read()
-        size = image.numel() * image.element_size()
-        if size <= self.max_bytes:
+        if image.nbytes <= self.max_bytes:
             self.images[key] = image
-            self.bytes += size
+            self.bytes += image.nbytes
             while self.bytes > self.max_bytes:
                 _, old = self.images.popitem(last=False)
-                self.bytes -= old.numel() * old.element_size()
+                self.bytes -= old.nbytes
         return image
 
 
