@@ -120,3 +120,14 @@ def test_the_paper_experiment_sets_the_papers_recipe():
     assert (cfg.kl_weight.start, cfg.kl_weight.end, cfg.kl_weight.steps) == (0.0, 6.6, 5000)
     validate_config(compose_config(["experiment=paper", "data.root=/data/images", "trainer.devices=8",
                                     "trainer.num_nodes=8"]))
+
+
+def test_model_small_brings_its_recipe_and_the_command_line_still_wins():
+    tiny, small = compose_config(), compose_config(["model=small"])
+    assert (small.optim.lr, small.codebook.usage_weight) == (3e-3, 160.0)
+    assert (tiny.optim.lr, tiny.codebook.usage_weight) == (1e-2, 20.0)
+    mine = compose_config(["model=small", "optim.lr=1e-3", "codebook.usage_weight=5"])
+    assert (mine.optim.lr, mine.codebook.usage_weight) == (1e-3, 5.0)
+    # an experiment is applied after the model's recipe: experiment=paper's objective stays the paper's
+    paper = compose_config(["experiment=paper", "model=small", "data.root=/data/images"])
+    assert (paper.optim.lr, paper.codebook.usage_weight) == (1e-4, 0.0)

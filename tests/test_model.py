@@ -8,13 +8,14 @@ from dvae.codebook import GumbelCodebook, gumbel_softmax, perplexity
 from dvae.losses import logit_laplace_nll
 from dvae.model import DEFAULT_LOG_SCALE_FLOOR, DVAE
 
+from .conftest import compose_config
+
 TINY = dict(n_hid=16, blocks_per_group=1, groups=3, K=64, n_init=16)
 
 
 def preset(name):
-    from importlib.resources import files
-
-    return OmegaConf.to_container(OmegaConf.load(files("dvae.configs") / "model" / f"{name}.yaml"))
+    """model.* of `dvae-train model=NAME`, as Hydra composes it (a preset may set run-level keys too)."""
+    return OmegaConf.to_container(compose_config([f"model={name}"]).model)
 
 
 @pytest.mark.parametrize("name, size", [("tiny", 32), ("small", 32), ("dalle", 64)])
