@@ -203,9 +203,11 @@ def damage(run: Path, how: str) -> None:
         config.write_text("data: [photos,\n  model: {")
     elif how == "config.yaml a list":
         config.write_text("- 1\n- 2\n")
-    elif how == "config.yaml truncated":
+    elif how == "config.yaml lacks optim":
         text = config.read_text()
-        config.write_text(text[: text.index("optim:")])
+        start = text.index("\noptim:") + 1
+        end = text.index("\ntemperature:") + 1
+        config.write_text(text[:start] + text[end:])
 
 
 @pytest.mark.parametrize("args, how, named", [
@@ -215,7 +217,7 @@ def damage(run: Path, how: str) -> None:
     ([], "empty last.ckpt", "last.ckpt"),
     ([], "config.yaml not YAML", "config.yaml"),
     ([], "config.yaml a list", "config.yaml"),
-    ([], "config.yaml truncated", "its config.yaml has no"),
+    ([], "config.yaml lacks optim", "its config.yaml has no"),
 ])
 def test_a_refused_resume_changes_nothing_in_the_run(cli, tmp_path, args, how, named):
     run = earlier_run(tmp_path)
