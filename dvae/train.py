@@ -645,6 +645,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
                  else "no checkpoint was written")
         raise TrainingError(f"{error}; {where}.") from error
     finally:
+        bad_files = datamodule.take_bad_files()
         torch.set_flush_denormal(False)
         threads.release()
         torch.set_num_threads(threads_before)
@@ -665,7 +666,6 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     metrics["gain"] = metrics["psnr"] - metrics["psnr_mean_color"]
     metrics["healthy"], verdict = run_verdict(metrics["gain"], metrics["codes_used_fraction"], int(cfg.model.K),
                                               float(cfg.codebook.collapse_below), module.collapse_advice())
-    bad_files = datamodule.bad_files()
     metrics["bad_files"] = len(bad_files)
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

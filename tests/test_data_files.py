@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import tarfile
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -148,7 +149,7 @@ def all_val_images(dm: DVAEDataModule) -> torch.Tensor:
     return torch.cat(list(dm.val_dataloader()))
 
 
-def test_a_run_with_damaged_validation_images_finishes_and_lists_them(tmp_path, capsys):
+def test_a_run_with_damaged_validation_images_finishes_and_lists_them(tmp_path, capsys, monkeypatch):
     # The whole validation split is damaged (this used to stop the run at its first validation, before
     # any checkpoint): it is dropped before training and the next files by hash take its place. Of
     # those, the second in reading order is damaged too: validation skips it and serves the next image.
@@ -160,9 +161,13 @@ def test_a_run_with_damaged_validation_images_finishes_and_lists_them(tmp_path, 
     for path in [*ranked[:3], late]:
         damage(path)
     before = snapshot(root)
+    scratch = tmp_path / "tmp"  # where the run keeps its list of skipped files while it trains
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert folder(root, val_fraction=0.4).val_set.files == sorted(ranked[3:5])  # `late`: read in the run
+        probes = set(scratch.glob("dvae-bad-files-*"))
         cfg = compose_config([*(o for o in FAST if not o.startswith("data.val_samples")), "data=folder",
                               f"data.root={root}", "data.crop_size=16", "data.num_workers=0", "data.val_fraction=0.4"])
         train(cfg, tmp_path / "run")
@@ -173,6 +178,7 @@ def test_a_run_with_damaged_validation_images_finishes_and_lists_them(tmp_path, 
     assert metrics["bad_files"] == 4 and metrics["val_images"] == 2
     assert "4 unreadable file(s) were skipped" in capsys.readouterr().err
     assert snapshot(root) == before
+    assert set(scratch.glob("dvae-bad-files-*")) == probes  # the run removed its own list of skipped files
 
 
 def test_on_bad_file_error_mid_run_is_one_sentence_naming_the_file_and_the_checkpoint(tmp_path):

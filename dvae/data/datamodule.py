@@ -156,6 +156,12 @@ class DVAEDataModule(L.LightningDataModule):
         """(path, reason) of every file skipped as unreadable so far, from all workers of this process."""
         return self.bad_file_log.entries()
 
+    def take_bad_files(self) -> list[tuple[str, str]]:
+        """`bad_files()`, then the temporary folder behind it removed: for the end of a run."""
+        entries = self.bad_file_log.entries()
+        self.bad_file_log.remove()
+        return entries
+
     def ranks(self) -> tuple[int, int]:
         """(rank, world size) of this process: from the Trainer when one is attached, else (0, 1)."""
         trainer = getattr(self, "trainer", None)

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import io
 import os
+import shutil
 import stat
 import warnings
 from collections import OrderedDict
@@ -158,6 +159,10 @@ class BadFiles:
             return []
         lines = {line for log in self.folder.glob("bad-*.txt") for line in log.read_text().splitlines() if line}
         return sorted(tuple(line.split("\t", 1)) for line in lines)
+
+    def remove(self) -> None:
+        """Delete the temporary folder once the run has read its entries."""
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def hash_order(files: list[Path], root: Path) -> list[Path]:
