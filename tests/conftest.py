@@ -19,7 +19,7 @@ os.environ.setdefault("DVAE_JOBS_DIR", tempfile.mkdtemp(prefix="dvae-test-jobs-"
 FAST = [
     "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
     "data.batch_size=8", "data.train_samples=32", "data.val_samples=16", "progress_bar=false",
-    "model.n_hid=8", "model.K=32", "model.n_init=8",
+    "model.n_hid=8", "model.blocks_per_group=1", "model.K=32", "model.n_init=8",
 ]
 
 
