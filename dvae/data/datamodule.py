@@ -158,7 +158,7 @@ class DVAEDataModule(L.LightningDataModule):
 
     def take_bad_files(self) -> list[tuple[str, str]]:
         """`bad_files()`, then the temporary folder behind it removed: for the end of a run."""
-        entries = self.bad_file_log.entries()
+        entries = self.bad_files()
         self.bad_file_log.remove()
         return entries
 
