@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import ConfigError
+from dvae.errors import ConfigError
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:

@@ -14,7 +14,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from .nll_kernel import fused_logit_laplace_nll
+from dvae.nll_kernel import fused_logit_laplace_nll
 
 LOSSES = ("logit_laplace", "l1", "mse")
 

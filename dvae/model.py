@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .codebook import GumbelCodebook
-from .decoder import Decoder
-from .encoder import Encoder
-from .losses import map_pixels, reconstruct
+from dvae.losses import map_pixels, reconstruct
+from dvae.nn.codebook import GumbelCodebook
+from dvae.nn.decoder import Decoder
+from dvae.nn.encoder import Encoder
 
 # ln b is kept above the logit-space width of one 8-bit step at mid-grey,
 # ln((1 - 2 eps) / 256 / (0.5 * 0.5)) with eps = 0.1: without a floor the density on pixels the
@@ -186,7 +186,7 @@ class DVAE(nn.Module):
                         dtype: torch.dtype | None = None) -> DVAE:
         """The model of an export directory (dvae-export or `save_pretrained`), in eval mode on
         `device`: torch alone rebuilds it, without Hydra, Lightning or the training checkpoint."""
-        from .pretrained import from_pretrained
+        from dvae.formats.pretrained import from_pretrained
 
         return from_pretrained(path, device=device, dtype=dtype)[0]
 
@@ -194,7 +194,7 @@ class DVAE(nn.Module):
                         metadata: dict | None = None) -> None:
         """Write an export directory `from_pretrained` reads back (format: safetensors, npy or pt);
         refuses a non-empty directory unless `force`."""
-        from .pretrained import save_pretrained
+        from dvae.formats.pretrained import save_pretrained
 
         save_pretrained(self, path, format=format, force=force, metadata=metadata)
 

@@ -19,6 +19,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing dvae${extras:+[$extras]} into $venv (the first time takes a few minutes: torch is large)" >&2
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root${extras:+[$extras]}" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
-  "$venv/bin/python" -c "import dvae.train" || { echo "installing dvae failed; see the pip output above" >&2; exit 1; }
+  "$venv/bin/python" -c "import dvae.cli.train" || { echo "installing dvae failed; see the pip output above" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

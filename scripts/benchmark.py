@@ -250,7 +250,7 @@ class TrainStep:
     AdamW and its schedule, EMA update."""
 
     def __init__(self, cfg, device: str, precision: str, compile_model: bool = False, fused: bool = True):
-        from dvae.train import build_module
+        from dvae.cli.train import build_module
 
         torch.manual_seed(cfg.seed)
         self.module = build_module(cfg).to(device)
@@ -373,7 +373,7 @@ def profile_markdown(profiled: dict) -> str:
 
 
 def encode_benchmark(model: str, size: int, batch: int, device: str, precision: str, repeats: int) -> dict:
-    from dvae.train import build_module
+    from dvae.cli.train import build_module
 
     cfg = model_config(model, size, batch)
     model_ = build_module(cfg).model.to(device).eval()

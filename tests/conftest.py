@@ -11,8 +11,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # data=folder caches its file index under XDG_CACHE_HOME: not in the home directory of whoever runs the tests.
 os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="dvae-test-cache-"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
-# threads=auto lists training processes in a per-user folder (dvae/cores.py): the tests' runs list themselves apart
-# from any real run on this machine.
+# threads=auto lists training processes in a per-user folder (dvae/training/cores.py): the tests' runs list
+# themselves apart from any real run on this machine.
 os.environ.setdefault("DVAE_JOBS_DIR", tempfile.mkdtemp(prefix="dvae-test-jobs-"))
 
 # A few-second run: small crops, few steps, a tiny validation set.

@@ -21,8 +21,8 @@ def pixels(folder: Path) -> dict[str, np.ndarray]:
 
 
 def test_an_export_of_0_1_loads_and_encodes_its_images_to_the_tokens_it_wrote(tmp_path):
+    from dvae.formats.tokens import encode_main
     from dvae.model import DVAE
-    from dvae.tokens import encode_main
 
     model = DVAE.from_pretrained(V01 / "export")
     assert (model.K, model.downsampling) == (32, 4)
@@ -36,7 +36,7 @@ def test_an_export_of_0_1_loads_and_encodes_its_images_to_the_tokens_it_wrote(tm
 
 
 def test_a_token_set_of_0_1_decodes_to_the_images_it_gave_then(tmp_path):
-    from dvae.tokens import decode_main
+    from dvae.formats.tokens import decode_main
 
     assert decode_main(["--model", str(V01 / "export"), "--tokens", str(V01 / "tokens"),
                        "--out", str(tmp_path / "decoded"), "--no-progress"]) == 0
@@ -49,7 +49,7 @@ def test_a_token_set_of_0_1_decodes_to_the_images_it_gave_then(tmp_path):
 def test_a_checkpoint_of_0_1_exports_to_the_same_weights(tmp_path):
     from safetensors.torch import load_file
 
-    from dvae.export import main as export_main
+    from dvae.cli.export import main as export_main
 
     assert export_main([str(V01 / "run"), "--checkpoint", "last", "--out", str(tmp_path / "export")]) == 0
     for name in ("model.safetensors", "codebook.safetensors"):

@@ -6,8 +6,8 @@ from importlib.resources import files
 import pytest
 import torch
 
+from dvae.cli.train import apply_scale_shorthand, build_module, train, validate_config
 from dvae.errors import ConfigError
-from dvae.train import apply_scale_shorthand, build_module, train, validate_config
 
 from .conftest import compose_config
 

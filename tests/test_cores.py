@@ -1,4 +1,4 @@
-"""threads=auto: each dvae training process on a machine takes its share of the cores (dvae/cores.py)."""
+"""threads=auto: each dvae training process on a machine takes its share of the cores (dvae/training/cores.py)."""
 
 import os
 import subprocess
@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from dvae.cores import CoreShare
-from dvae.train import validate_config
+from dvae.cli.train import validate_config
+from dvae.training.cores import CoreShare
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_fixed_threads_are_set_where_training_runs():
     """threads=N: set when fit starts (in each rank's own process), not before the launcher starts them."""
     from types import SimpleNamespace
 
-    from dvae.callbacks import ShareCores
+    from dvae.training.callbacks import ShareCores
 
     before = torch.get_num_threads()
     try:
@@ -88,7 +88,7 @@ def test_a_child_process_takes_its_share(tmp_path):
     share = CoreShare(cores=4, folder=tmp_path)
     share.register()
     try:
-        code = ("import torch; from dvae.cores import CoreShare; s = CoreShare(cores=4); s.register(); "
+        code = ("import torch; from dvae.training.cores import CoreShare; s = CoreShare(cores=4); s.register(); "
                 "s.update(); print(torch.get_num_threads(), s.live_jobs())")
         env = {**os.environ, "DVAE_JOBS_DIR": str(tmp_path)}
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

@@ -11,10 +11,10 @@ import lightning as L
 import pytest
 import torch
 
+from dvae.cli.train import train, validate_config
 from dvae.data import build_datamodule
 from dvae.errors import ConfigError
-from dvae.lightning import DVAELightning
-from dvae.train import train, validate_config
+from dvae.training.module import DVAELightning
 
 from .conftest import FAST
 from .test_train import run_cli

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dvae
+from dvae.cli.export import export, main
+from dvae.cli.train import train
 from dvae.errors import ConfigError
-from dvae.export import export, main
-from dvae.lightning import DVAELightning
 from dvae.model import DVAE
-from dvae.train import train
+from dvae.training.module import DVAELightning
 
 from .conftest import FAST, compose_config, one_sentence_error
 
@@ -228,13 +228,13 @@ def test_loading_an_export_needs_neither_lightning_nor_hydra(exports):
 
 
 def test_the_command_exits_with_a_sentence_and_the_scripts_are_declared(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "dvae.export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
-                            capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "dvae.cli.export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
     pyproject = (ROOT / "pyproject.toml").read_text()  # no tomllib: Python 3.10 is supported
-    for line in ('dvae-export = "dvae.export:cli"', 'dvae-encode = "dvae.tokens:encode_cli"',
-                 'dvae-decode = "dvae.tokens:decode_cli"', '"safetensors'):
+    for line in ('dvae-export = "dvae.cli.export:cli"', 'dvae-encode = "dvae.formats.tokens:encode_cli"',
+                 'dvae-decode = "dvae.formats.tokens:decode_cli"', '"safetensors'):
         assert line in pyproject
 
 
@@ -288,7 +288,7 @@ def test_a_hand_edited_dvae_json_is_refused_with_a_sentence(edit, message, expor
 def test_whether_the_decoder_predicts_the_scale_is_read_from_the_weights():
     """A loss=l1 run with scale=learned predicts ln b today; one from before l1 had a scale has C output
     maps only, and its checkpoint still exports (the weights decide, not today's rule)."""
-    from dvae.export import model_kwargs
+    from dvae.cli.export import model_kwargs
 
     hp = {"loss": "l1", "scale_mode": "learned", "channels": 3, "n_hid": 8, "blocks_per_group": 1, "groups": 2,
           "K": 16, "n_init": 8}

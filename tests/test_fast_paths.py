@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import dvae.nll_kernel
-from dvae.lightning import DVAELightning
 from dvae.losses import logit_laplace_nll, logit_laplace_nll_mean
+from dvae.training.module import DVAELightning
 
 
 def inputs(shape, per_pixel_scale: bool, dtype=torch.float32, seed=0):
@@ -85,7 +85,7 @@ def test_channels_last_training_computes_the_same_loss_and_gradients():
 def test_a_residual_block_computes_id_path_plus_post_gain_times_res_path(n_layers, n_in):
     """ResidualBlock folds post_gain into its last convolution; the function (and its gradients) stays
     id_path(x) + post_gain * res_path(x), in float64 to rounding and bit for bit for a power-of-two gain."""
-    from dvae.blocks import ResidualBlock
+    from dvae.nn.blocks import ResidualBlock
 
     torch.manual_seed(n_layers)
     for dtype in (torch.float64, torch.float32):
@@ -149,7 +149,7 @@ def _nearest_2x(x):
 def test_an_upsampling_block_is_the_block_on_the_upsampled_input(kernels, n_in):
     """A block with upsample=2 runs its per-pixel layers before upsampling; the function and its gradients
     stay block(nearest-upsampled x), in float64 to rounding."""
-    from dvae.blocks import ResidualBlock
+    from dvae.nn.blocks import ResidualBlock
 
     torch.manual_seed(0)
     block = ResidualBlock(n_in, 16, 4, kernels, upsample=2).double()
@@ -170,7 +170,7 @@ def test_an_upsampling_block_is_the_block_on_the_upsampled_input(kernels, n_in):
 @pytest.mark.parametrize("blocks_per_group", [1, 2])
 def test_the_decoder_upsamples_twice_between_groups(blocks_per_group):
     """The decoder's function written out: groups of blocks with a nearest 2x upsampling between groups."""
-    from dvae.decoder import Decoder
+    from dvae.nn.decoder import Decoder
 
     torch.manual_seed(0)
     decoder = Decoder(out_channels=6, n_hid=8, blocks_per_group=blocks_per_group, groups=3, K=16, n_init=8)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import dvae.nll_kernel
-from dvae.codebook import GumbelCodebook, GumbelSoftmaxProjection, KLToUniform
 from dvae.losses import logit_laplace_nll
 from dvae.model import DVAE
 from dvae.nll_kernel import COMPILED_MIN_ELEMENTS, exp32, fused_logit_laplace_nll, log32, uses_compiled_kernel
+from dvae.nn.codebook import GumbelCodebook, GumbelSoftmaxProjection, KLToUniform
 
 EPS = 0.1
 
@@ -228,7 +228,7 @@ def test_fused_gumbel_projection_passes_gradcheck():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_sample_is_the_softmax_of_logits_plus_gumbel_noise_over_tau(dtype):
     """The in-place sampler computes softmax((logits + g) / tau), g = -log(-log(u)), bit for bit."""
-    from dvae.codebook import _relaxed_sample
+    from dvae.nn.codebook import _relaxed_sample
 
     generator, seed = fresh_generator()
     logits = torch.randn(2, 64, 3, 4, generator=generator).to(dtype) * 3

@@ -4,9 +4,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dvae.codebook import GumbelCodebook, gumbel_softmax, perplexity
 from dvae.losses import logit_laplace_nll
 from dvae.model import DEFAULT_LOG_SCALE_FLOOR, DVAE
+from dvae.nn.codebook import GumbelCodebook, gumbel_softmax, perplexity
 
 from .conftest import compose_config
 

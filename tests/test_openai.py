@@ -8,8 +8,8 @@ import textwrap
 import pytest
 import torch
 
+from dvae.formats.openai import load_openai, read_official, to_official
 from dvae.model import DVAE
-from dvae.openai import load_openai, read_official, to_official
 
 dall_e = pytest.importorskip("dall_e")
 
@@ -90,7 +90,7 @@ def test_pickle_loads_where_dall_e_cannot_be_imported(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         sys.modules["dall_e"] = None  # import dall_e now fails
-        from dvae.openai import load_openai
+        from dvae.formats.openai import load_openai
         model = load_openai({str(tmp_path / "encoder.pkl")!r}, {str(tmp_path / "decoder.pkl")!r})
         assert "dall_e" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
         print(model.K, model.downsampling)
@@ -126,7 +126,7 @@ def test_a_truncated_file_is_a_clear_error(tmp_path):
 
 
 def test_import_cli_writes_an_export_that_matches_the_official_model(tmp_path, capsys):
-    from dvae.openai import import_main
+    from dvae.formats.openai import import_main
 
     enc, dec = official_pair()
     torch.save(enc, tmp_path / "encoder.pkl")
@@ -146,8 +146,8 @@ def test_import_cli_writes_an_export_that_matches_the_official_model(tmp_path, c
 def test_fine_tuning_from_an_imported_model_runs_and_its_loss_is_finite(tmp_path):
     import csv
 
-    from dvae.openai import import_main
-    from dvae.train import train
+    from dvae.cli.train import train
+    from dvae.formats.openai import import_main
 
     from .conftest import FAST, compose_config
 
@@ -170,8 +170,8 @@ def test_fine_tuning_from_an_imported_model_runs_and_its_loss_is_finite(tmp_path
 
 
 def test_init_from_a_missing_directory_is_refused(tmp_path):
+    from dvae.cli.train import train
     from dvae.errors import ConfigError
-    from dvae.train import train
 
     from .conftest import compose_config
 
@@ -180,8 +180,8 @@ def test_init_from_a_missing_directory_is_refused(tmp_path):
 
 
 def test_export_in_the_official_format_loads_into_dall_e(tmp_path):
-    from dvae.export import main as export_main
-    from dvae.lightning import DVAELightning
+    from dvae.cli.export import main as export_main
+    from dvae.training.module import DVAELightning
 
     system = DVAELightning(n_hid=64, blocks_per_group=1, groups=4, K=512, n_init=32, log_scale_floor=NO_FLOOR)
     ckpt = tmp_path / "model.ckpt"

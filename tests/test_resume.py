@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import dvae.checkpointing
+import dvae.training.checkpointing
+from dvae.cli.train import train
 from dvae.data import DVAEDataModule
 from dvae.errors import ConfigError, TrainingError
-from dvae.loggers import build_loggers
-from dvae.resume import checkpoint_step
-from dvae.train import train
+from dvae.training.loggers import build_loggers
+from dvae.training.resume import checkpoint_step
 
 from .conftest import FAST
 from .test_train import DVAE_TRAIN, run_cli
@@ -165,7 +165,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(fast_config, tm
         file.write(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(dvae.checkpointing.torch, "save", save_then_fill_the_disk)
+    monkeypatch.setattr(dvae.training.checkpointing.torch, "save", save_then_fill_the_disk)
     cfg = fast_config("trainer.max_steps=6", "data.crop_size=16", "checkpoint.every_n_steps=2",
                       "trainer.val_check_interval=100")
     with pytest.raises(TrainingError, match="No space left on device"):
@@ -203,7 +203,7 @@ def test_a_checkpoint_whose_decoder_does_not_fit_the_loss_is_refused_in_one_sent
     """An l1 run from before l1 had a scale output (3 decoder maps) cannot continue under today's rule
     (6 maps with scale=learned): one sentence, not a size-mismatch traceback from load_state_dict."""
     from dvae.errors import ConfigError
-    from dvae.resume import check_decoder_output
+    from dvae.training.resume import check_decoder_output
 
     checkpoint = tmp_path / "last.ckpt"
     torch.save({"global_step": 4, "state_dict": {"model.decoder.blocks.output.conv.weight": torch.zeros(3, 8, 1, 1)}},

@@ -73,7 +73,7 @@ def run_to_resume(tmp_path, fast_config):
 @pytest.mark.parametrize("how", WRITERS)
 @pytest.mark.parametrize("resume", ["run", "auto"])
 def test_resume_refuses_a_checkpoint_that_would_run_code(run_to_resume, fast_config, marker, tmp_path, how, resume):
-    from dvae.train import train
+    from dvae.cli.train import train
 
     plant(run_to_resume / "checkpoints" / "last.ckpt", checkpoint_with(marker), how)
     value = run_to_resume if resume == "run" else "auto"
@@ -84,13 +84,13 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(run_to_resume, fast_con
 def test_lightning_reads_the_resumed_checkpoint_restricted_too(run_to_resume, fast_config, marker, monkeypatch):
     """Even where torch.load's own default is unrestricted (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, torch < 2.6) and
     the step lookup is skipped, Trainer.fit's load of last.ckpt builds no Python object."""
-    import dvae.resume
-    from dvae.train import train
+    import dvae.training.resume
+    from dvae.cli.train import train
 
     plant(run_to_resume / "checkpoints" / "last.ckpt", checkpoint_with(marker), "zip")
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    monkeypatch.setattr(dvae.resume, "checkpoint_step", lambda path: 2)
-    monkeypatch.setattr(dvae.resume, "check_decoder_output", lambda path, cfg: None)
+    monkeypatch.setattr(dvae.training.resume, "checkpoint_step", lambda path: 2)
+    monkeypatch.setattr(dvae.training.resume, "check_decoder_output", lambda path, cfg: None)
     with pytest.raises(pickle.UnpicklingError, match=r"\w+\.open"):
         train(fast_config("data=shapes", "resume=auto"), run_dir=run_to_resume)
 
@@ -100,7 +100,7 @@ def test_lightning_reads_the_resumed_checkpoint_restricted_too(run_to_resume, fa
 
 @pytest.mark.parametrize("how", WRITERS)
 def test_export_refuses_a_checkpoint_that_would_run_code(tmp_path, marker, capsys, how):
-    from dvae.export import main
+    from dvae.cli.export import main
 
     checkpoint = plant(tmp_path / "evil.ckpt", checkpoint_with(marker), how)
     assert main([str(checkpoint), "--out", str(tmp_path / "export")]) == 2
@@ -125,7 +125,7 @@ def image_folder(tmp_path):
 
 
 def encode(capsys, model_dir: Path, data: Path, out: Path) -> tuple[int, str]:
-    from dvae.tokens import encode_main
+    from dvae.formats.tokens import encode_main
 
     code = encode_main(["--model", str(model_dir), "--data", str(data), "--out", str(out), "--size", "8",
                         "--no-progress", "--device", "cpu"])
@@ -136,7 +136,7 @@ def encode(capsys, model_dir: Path, data: Path, out: Path) -> tuple[int, str]:
 @pytest.mark.parametrize("role", ["model", "codebook"])
 def test_an_export_in_pt_format_that_would_run_code_is_refused(tmp_path, marker, image_folder, capsys, fast_config,
                                                                 how, role):
-    from dvae.train import train
+    from dvae.cli.train import train
 
     export = tmp_path / "export"
     tiny_model().save_pretrained(export, format="pt")
@@ -173,7 +173,7 @@ def test_an_untouched_export_still_encodes(tmp_path, image_folder, capsys):
 
 @pytest.mark.parametrize("where", ["file", "shard"])
 def test_decode_refuses_a_token_file_of_pickled_objects(tmp_path, image_folder, marker, capsys, where):
-    from dvae.tokens import decode_main
+    from dvae.formats.tokens import decode_main
 
     export = tmp_path / "export"
     tiny_model().save_pretrained(export)
@@ -195,7 +195,7 @@ def test_decode_refuses_a_token_file_of_pickled_objects(tmp_path, image_folder, 
 @pytest.mark.parametrize("how", WRITERS)
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
 def test_import_openai_refuses_a_pickle_that_would_run_code(tmp_path, marker, capsys, how, part):
-    from dvae.openai import import_main
+    from dvae.formats.openai import import_main
 
     files = {name: plant(tmp_path / f"{name}.pkl", {"blocks.input.w": torch.zeros(1)}, "zip")
              for name in ("encoder", "decoder")}
@@ -211,7 +211,7 @@ def test_an_official_pickle_in_the_legacy_format_still_imports(tmp_path):
     """The released encoder.pkl / decoder.pkl were written by an old torch: whole dall_e modules in the
     legacy format, read through the same restricted unpickler."""
     dall_e = pytest.importorskip("dall_e")
-    from dvae.openai import load_openai
+    from dvae.formats.openai import load_openai
 
     torch.manual_seed(0)
     enc = dall_e.Encoder(n_hid=64, n_blk_per_group=1, vocab_size=512, requires_grad=False,
@@ -230,7 +230,7 @@ def test_an_official_pickle_in_the_legacy_format_still_imports(tmp_path):
 
 @pytest.mark.parametrize("planted", ["report.md", "report.png"])
 def test_report_replaces_a_planted_symlink_instead_of_writing_through_it(tmp_path, planted):
-    from dvae.report import write_report
+    from dvae.cli.report import write_report
 
     from .test_report import METRICS, make_job
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import dvae.train
+import dvae.cli.train
+from dvae.cli.report import write_report
+from dvae.cli.train import check_sweep_extra, train, validate_sweep
 from dvae.errors import ConfigError
-from dvae.report import write_report
-from dvae.train import check_sweep_extra, train, validate_sweep
 
 from .conftest import FAST
 
@@ -116,8 +116,8 @@ def test_validate_sweep_refuses_ddp_only_in_a_multirun(fast_config):
 @pytest.mark.parametrize("args", [["hparams_search=scale_optuna"], ["-m", "hydra/launcher=submitit_local"],
                                   ["hydra/launcher=submitit_slurm"], ["hydra/sweeper=optuna"]])
 def test_a_missing_sweep_plugin_names_the_extra(args, monkeypatch):
-    real = dvae.train.importlib.util.find_spec
-    monkeypatch.setattr(dvae.train.importlib.util, "find_spec",
+    real = dvae.cli.train.importlib.util.find_spec
+    monkeypatch.setattr(dvae.cli.train.importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("hydra_plugins") else real(name, *a))
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[sweep\]'"):
         check_sweep_extra(args)
@@ -139,7 +139,7 @@ def test_a_stopped_sweep_job_stops_the_sweep(fast_config, tmp_path, monkeypatch,
     process with the signal's exit code, instead of going on to the next job as a failure would."""
     from types import SimpleNamespace
 
-    import dvae.train as train_module
+    import dvae.cli.train as train_module
 
     def stopped(cfg, job_dir):
         raise train_module.RunStopped("SIGTERM at step 3: the run was saved to X", exit_code=143)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import dvae.tokens as tokens_module
+import dvae.formats.tokens as tokens_module
+from dvae.cli.export import export
+from dvae.cli.train import train
 from dvae.errors import ConfigError
-from dvae.export import export
+from dvae.formats.tokens import decode_main, encode_main, load_image, load_tokens, to_uint8
 from dvae.model import DVAE
-from dvae.tokens import decode_main, encode_main, load_image, load_tokens, to_uint8
-from dvae.train import train
 
 from .conftest import FAST, compose_config, one_sentence_error
 
@@ -202,7 +202,7 @@ def test_a_single_grid_npy_decodes(model_dir, model, tmp_path):
 
 def test_the_command_reports_a_bad_folder_without_a_traceback(model_dir, tmp_path):
     (tmp_path / "empty").mkdir()
-    result = subprocess.run([sys.executable, "-m", "dvae.tokens", "encode", "--model", str(model_dir), "--data",
+    result = subprocess.run([sys.executable, "-m", "dvae.formats.tokens", "encode", "--model", str(model_dir), "--data",
                              str(tmp_path / "empty"), "--out", str(tmp_path / "t")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2

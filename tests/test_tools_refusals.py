@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-import dvae.pretrained as pretrained_module
-import dvae.tokens as tokens_module
-from dvae.export import main as export_main
+import dvae.formats.pretrained as pretrained_module
+import dvae.formats.tokens as tokens_module
+from dvae.cli.export import main as export_main
+from dvae.cli.report import main as report_main
+from dvae.formats.openai import import_main, to_official
+from dvae.formats.tokens import decode_main, encode_main
 from dvae.model import DVAE
-from dvae.openai import import_main, to_official
-from dvae.report import main as report_main
-from dvae.tokens import decode_main, encode_main
 
 from .conftest import one_sentence_error
 
@@ -88,7 +88,7 @@ def edit_json(path, **changes):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A checkpoint as dvae-train writes it (state dict and hyper-parameters), without training."""
-    from dvae.lightning import DVAELightning
+    from dvae.training.module import DVAELightning
 
     system = DVAELightning(**TINY)
     path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dvae.lightning import DVAELightning
-from dvae.train import train
+from dvae.cli.train import train
+from dvae.training.module import DVAELightning
 
 from .conftest import FAST
 
@@ -145,7 +145,7 @@ def test_training_seconds_grow_and_leave_validation_out(fast_config, tmp_path, m
     training, grows, and does not count the time spent validating."""
     import time
 
-    from dvae.lightning import DVAELightning as Module
+    from dvae.training.module import DVAELightning as Module
 
     validation_end, calls = Module.on_validation_epoch_end, []
 
@@ -173,7 +173,7 @@ def test_training_metrics_reach_the_logger_as_when_logged_every_update(stop_afte
     stops between two logging updates included."""
     import lightning
 
-    from dvae.lightning import DVAELightning as Module
+    from dvae.training.module import DVAELightning as Module
 
     class StopAfter(lightning.Callback):
         def on_train_batch_end(self, trainer, *args):

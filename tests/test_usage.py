@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from dvae.callbacks import CodebookCollapsed, CodebookMonitor, save_usage_histogram
-from dvae.codebook import perplexity
-from dvae.lightning import DVAELightning
-from dvae.usage import (
+from dvae.nn.codebook import perplexity
+from dvae.training.callbacks import CodebookCollapsed, CodebookMonitor, save_usage_histogram
+from dvae.training.module import DVAELightning
+from dvae.training.usage import (
     UsageWindow,
     batch_usage_deficit,
     choose_reseeds,

@@ -4,6 +4,6 @@ Sources: `photos` (scikit-image's bundled photographs, offline), `shapes` (proce
 directory of images), `mnist` and `cifar10` (torchvision).
 """
 
-from .datamodule import SOURCES, DVAEDataModule, build_datamodule
+from dvae.data.datamodule import SOURCES, DVAEDataModule, build_datamodule
 
 __all__ = ["SOURCES", "DVAEDataModule", "build_datamodule"]

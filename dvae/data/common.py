@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import ConfigError
+from dvae.errors import ConfigError
 
 
 def stable_seed(*key: object) -> int:

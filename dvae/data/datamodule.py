@@ -19,13 +19,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import ConfigError
-from .common import AUGMENTATIONS, EpochSampler, RankShard, ResumableLoader, stable_seed
-from .folder import BadFiles, build_folder
-from .large import ShardStream, StreamLoader, build_celeba, build_imagenet, build_webdataset
-from .photos import build_photos
-from .shapes import build_shapes
-from .torchvision_sets import build_cifar10, build_mnist
+from dvae.data.common import AUGMENTATIONS, EpochSampler, RankShard, ResumableLoader, stable_seed
+from dvae.data.folder import BadFiles, build_folder
+from dvae.data.large import ShardStream, StreamLoader, build_celeba, build_imagenet, build_webdataset
+from dvae.data.photos import build_photos
+from dvae.data.shapes import build_shapes
+from dvae.data.torchvision_sets import build_cifar10, build_mnist
+from dvae.errors import ConfigError
 
 SOURCES = ("photos", "shapes", "folder", "mnist", "cifar10", "celeba", "imagenet", "webdataset")
 BAD_FILE_POLICIES = ("skip", "error")

@@ -33,8 +33,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from ..errors import ConfigError, TrainingError
-from .common import CroppedImages
+from dvae.data.common import CroppedImages
+from dvae.errors import ConfigError, TrainingError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # What Pillow may open, whatever a file is named (it goes by the content): the formats of the extensions above,

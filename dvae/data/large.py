@@ -21,9 +21,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import ConfigError
-from .common import center_crop, grow_to_fit, paper_augment, random_crop, stable_seed, to_unit_float
-from .folder import BadFiles, FileCheck, FolderImages, UnreadableImage, folder_index, one_line, open_image, rgb_array
+from dvae.data.common import center_crop, grow_to_fit, paper_augment, random_crop, stable_seed, to_unit_float
+from dvae.data.folder import (
+    BadFiles,
+    FileCheck,
+    FolderImages,
+    UnreadableImage,
+    folder_index,
+    one_line,
+    open_image,
+    rgb_array,
+)
+from dvae.errors import ConfigError
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
 

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from torchvision import datasets
 
-from ..errors import ConfigError
-from .common import CroppedImages
+from dvae.data.common import CroppedImages
+from dvae.errors import ConfigError
 
 DEFAULT_ROOT = "~/.cache/dvae/datasets"
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .blocks import ResidualBlock, conv, group_widths
+from dvae.nn.blocks import ResidualBlock, conv, group_widths
 
 
 class Decoder(nn.Module):

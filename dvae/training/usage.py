@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .codebook import perplexity
+from dvae.nn.codebook import perplexity
 
 
 def batch_usage_deficit(logits: Tensor) -> Tensor:

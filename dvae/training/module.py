@@ -13,9 +13,8 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
 from torchmetrics import MeanMetric, Metric, SumMetric
 
-from .codebook import perplexity
-from .errors import TrainingError
-from .losses import (
+from dvae.errors import TrainingError
+from dvae.losses import (
     LOSSES,
     logit_laplace_nll_mean,
     nll_to_bits_per_dim,
@@ -24,9 +23,10 @@ from .losses import (
     reconstruct,
     reconstruction_loss,
 )
-from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE, predicts_scale
-from .schedules import Schedule
-from .usage import (
+from dvae.model import DEFAULT_LOG_SCALE_FLOOR, DVAE, predicts_scale
+from dvae.nn.codebook import perplexity
+from dvae.schedules import Schedule
+from dvae.training.usage import (
     UsageWindow,
     batch_usage_deficit,
     choose_reseeds,
@@ -142,7 +142,7 @@ class DVAELightning(L.LightningModule):
         adam_eps: float = 1e-8, weight_decay: float = 1e-4, ema_decay: float = 0.999,
         # robustness: stop after this many non-finite updates in a row (each one is skipped)
         max_bad_steps: int = 10,
-        # keeping the codebook in use (dvae/usage.py): the batch-usage term's weight, re-seeding dead codes
+        # keeping the codebook in use (dvae/training/usage.py): the batch-usage term's weight, re-seeding dead codes
         # every N updates (0: never), and the window of training batches both look at
         usage_weight: float = 0.0, reseed_every: int = 0, usage_window: int = 100,
         # a reward for confident posteriors, each position's entropy H(q_i) normalised like the KL (0: off)

@@ -34,10 +34,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .data.common import center_crop, resize, to_unit_float
-from .data.folder import IMAGE_EXTENSIONS, read_rgb, walk_images
-from .errors import ConfigError, os_error_sentence
-from .pretrained import atomic_write, check_out_dir, fingerprint, from_pretrained, read_config, write_json
+from dvae.data.common import center_crop, resize, to_unit_float
+from dvae.data.folder import IMAGE_EXTENSIONS, read_rgb, walk_images
+from dvae.errors import ConfigError, os_error_sentence
+from dvae.formats.pretrained import atomic_write, check_out_dir, fingerprint, from_pretrained, read_config, write_json
 
 SHARD_NAME = "shard_{:05d}.npy"
 INDEX_FILE = "index.jsonl"
@@ -145,7 +145,7 @@ def open_images(data: str, size: int, channels: int, split: str = "val",
         )
     import yaml
 
-    from .data import build_datamodule
+    from dvae.data import build_datamodule
 
     try:
         cfg = yaml.safe_load(config_file.read_text()) or {}
@@ -901,8 +901,8 @@ def decode_cli() -> None:
     sys.exit(decode_main())
 
 
-if __name__ == "__main__":  # python -m dvae.tokens encode|decode ...
+if __name__ == "__main__":  # python -m dvae.formats.tokens encode|decode ...
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     if command not in ("encode", "decode"):
-        sys.exit("usage: python -m dvae.tokens encode|decode ARGS (or the dvae-encode and dvae-decode commands)")
+        sys.exit("usage: python -m dvae.formats.tokens encode|decode ARGS (or dvae-encode and dvae-decode)")
     sys.exit((encode_main if command == "encode" else decode_main)(sys.argv[2:]))

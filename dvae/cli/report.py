@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError, os_error_sentence
-from .files import atomic_write
+from dvae.errors import ConfigError, os_error_sentence
+from dvae.files import atomic_write
 
 # metrics.json key -> column title, number format
 COLUMNS = {

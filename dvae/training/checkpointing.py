@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .errors import TrainingError
+from dvae.errors import TrainingError
 
 LAST = "last.ckpt"
 

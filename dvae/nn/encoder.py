@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from .blocks import ResidualBlock, conv, group_widths
+from dvae.nn.blocks import ResidualBlock, conv, group_widths
 
 
 class Encoder(nn.Module):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .model import DVAE
+from dvae.model import DVAE
 
 # Classes an official pickle contains: replaced by stand-ins that only hold their attributes.
 _MODULE_CLASSES = {
@@ -54,7 +54,7 @@ class _StandIn:
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _MODULE_CLASSES:
-            return type(name, (_StandIn,), {"__module__": f"dvae.openai.standin.{module}"})
+            return type(name, (_StandIn,), {"__module__": f"dvae.formats.openai.standin.{module}"})
         if (module, name) in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[(module, name)]
         if module == "torch" and name.endswith("Storage"):  # legacy typed storages
@@ -72,7 +72,7 @@ def _restricted_load(file: Any, **kwargs: Any) -> Any:
 # What torch.load calls: the legacy (pre-zip) format reads its header records with `load` and the zip
 # format only uses `Unpickler`, so both must be the restricted one or a plain pickle runs before any check.
 restricted_pickle = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, load=_restricted_load,
-                                          __name__="dvae.openai.restricted_pickle")
+                                          __name__="dvae.formats.openai.restricted_pickle")
 
 
 def _collect_tensors(obj: Any, prefix: str = "") -> dict[str, Tensor]:
@@ -195,8 +195,8 @@ def import_main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from .errors import ConfigError, os_error_sentence
-    from .pretrained import check_out_dir, file_sha256
+    from dvae.errors import ConfigError, os_error_sentence
+    from dvae.formats.pretrained import check_out_dir, file_sha256
 
     parser = argparse.ArgumentParser(
         prog="dvae-import-openai",

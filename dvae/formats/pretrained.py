@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import __version__
-from .errors import ConfigError
-from .files import atomic_write, load_weights
-from .model import DVAE
+from dvae import __version__
+from dvae.errors import ConfigError
+from dvae.files import atomic_write, load_weights
+from dvae.model import DVAE
 
 FORMAT_NAME = "dvae"
 FORMAT_VERSION = 1

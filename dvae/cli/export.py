@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, os_error_sentence
-from .files import load_weights
-from .model import DEFAULT_LOG_SCALE_FLOOR, DVAE, predicts_scale
-from .pretrained import FORMATS, check_out_dir, file_sha256, save_pretrained
+from dvae.errors import ConfigError, os_error_sentence
+from dvae.files import load_weights
+from dvae.formats.pretrained import FORMATS, check_out_dir, file_sha256, save_pretrained
+from dvae.model import DEFAULT_LOG_SCALE_FLOOR, DVAE, predicts_scale
 
 WEIGHTS = {"ema": "ema.module.", "raw": "model."}
 CHECKPOINTS = ("best", "last")
@@ -127,7 +127,7 @@ def scale_at(hp: dict[str, Any], step: int) -> float | None:
         return None
     if mode == "constant":
         return float(hp.get("scale_value", 0.1))
-    from .schedules import Schedule
+    from dvae.schedules import Schedule
 
     return float(Schedule(mode, hp["scale_start"], hp["scale_end"], hp["scale_steps"])(step))
 
@@ -168,8 +168,8 @@ def export(source: str | Path, out: str | Path, format: str = "safetensors", wei
 
 def export_openai(source: str | Path, out: str | Path, weights: str = "ema", checkpoint: str = "best",
                   force: bool = False) -> Path:
-    from .openai import to_official
-    from .pretrained import atomic_write
+    from dvae.formats.openai import to_official
+    from dvae.formats.pretrained import atomic_write
 
     path = resolve_checkpoint(source, checkpoint)
     out = Path(out)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "openai":
             print(f"wrote {out / 'encoder.pt'} and {out / 'decoder.pt'} (official dall_e key names)")
             return 0
-        from .pretrained import read_config
+        from dvae.formats.pretrained import read_config
 
         config = read_config(out)
     except ConfigError as error:

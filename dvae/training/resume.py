@@ -14,9 +14,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .checkpointing import LAST
-from .errors import ConfigError
-from .files import load_weights
+from dvae.errors import ConfigError
+from dvae.files import load_weights
+from dvae.training.checkpointing import LAST
 
 GROUPS = ("data", "model", "scale", "strategy", "logger", "experiment", "hparams_search")
 # sections that every run's config.yaml has: without them it is not a run's config
@@ -112,7 +112,7 @@ def checkpoint_step(path: Path) -> int:
 def check_decoder_output(checkpoint: Path, cfg: DictConfig) -> None:
     """Refuse, in one sentence, a checkpoint whose decoder output does not fit the run's loss and scale: a
     loss=l1/mse run from before those losses had a scale has no ln b output even with scale=learned."""
-    from .model import predicts_scale
+    from dvae.model import predicts_scale
 
     weight = load_weights(checkpoint, mmap=True).get("state_dict", {}).get("model.decoder.blocks.output.conv.weight")
     channels = int(cfg.data.channels)

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid, save_image
 
-from .codebook import perplexity
-from .cores import CoreShare
-from .errors import TrainingError
+from dvae.errors import TrainingError
+from dvae.nn.codebook import perplexity
+from dvae.training.cores import CoreShare
 
 
 class ReconstructionGrid(L.Callback):
@@ -135,7 +135,7 @@ class CodebookMonitor(L.Callback):
 class ShareCores(L.Callback):
     """Torch's threads in each training process (set in the process that trains: under ddp_spawn, each
     spawned rank). `threads=N`: exactly N. `threads=auto`: this process's share of the machine's cores among
-    the dvae training processes running there (dvae/cores.py), re-counted every `check_every` updates, said
+    the dvae training processes running there (dvae/training/cores.py), re-counted every `check_every` updates, said
     when it changes. `release` (train() calls it when the run is over, final validation included) gives
     the cores back."""
 

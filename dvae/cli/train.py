@@ -32,10 +32,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 
-from .errors import ConfigError, TrainingError
-from .loggers import build_loggers, close_loggers, rank_zero
-from .losses import LOSSES
-from .schedules import KINDS
+from dvae.errors import ConfigError, TrainingError
+from dvae.losses import LOSSES
+from dvae.schedules import KINDS
+from dvae.training.loggers import build_loggers, close_loggers, rank_zero
 
 PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 GPU_ONLY_STRATEGIES = ("fsdp", "deepspeed", "deepspeed_stage_2", "deepspeed_stage_3")
@@ -341,7 +341,7 @@ class RunDirCheck(Callback):
     callback's exceptions into warnings, so a refusal exits here."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from .resume import readable_step, resolve_resume
+        from dvae.training.resume import readable_step, resolve_resume
 
         run_dir = Path(str(config.hydra.run.dir))
         try:
@@ -462,8 +462,8 @@ def load_init_from(cfg: DictConfig):
     architecture replaces the `model.*` keys, so the command line need not repeat it."""
     if not cfg.get("init_from"):
         return None
-    from .model import DVAE, predicts_scale
-    from .pretrained import architecture
+    from dvae.formats.pretrained import architecture
+    from dvae.model import DVAE, predicts_scale
 
     path = Path(str(cfg.init_from)).expanduser()
     if not (path / "dvae.json").is_file():
@@ -487,8 +487,8 @@ def load_init_from(cfg: DictConfig):
 
 def build_module(cfg: DictConfig):
     """The LightningModule from the config: every hyper-parameter is a primitive."""
-    from .lightning import DVAELightning
-    from .model import DEFAULT_LOG_SCALE_FLOOR
+    from dvae.model import DEFAULT_LOG_SCALE_FLOOR
+    from dvae.training.module import DVAELightning
 
     m, s = cfg.model, cfg.scale
     return DVAELightning(
@@ -528,7 +528,7 @@ def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
 def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list) -> L.Trainer:
     """The Lightning Trainer: `trainer.*` as is, the strategy and precision; the data module splits the
     data over the ranks itself (global batch, no padded validation), so Lightning's sampler is off."""
-    from .checkpointing import AtomicCheckpointIO
+    from dvae.training.checkpointing import AtomicCheckpointIO
 
     plugins = [] if cfg.strategy.name in GPU_ONLY_STRATEGIES else [AtomicCheckpointIO()]
     strategy = cfg.strategy.name
@@ -569,11 +569,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from .callbacks import CodebookMonitor, ReconstructionGrid, ShareCores, TrainingClock
-    from .checkpointing import Interrupted, RunCheckpoints
-    from .data import build_datamodule
-    from .resume import check_decoder_output, checkpoint_step, readable_step, resolve_resume
-    from .usage import run_verdict
+    from dvae.data import build_datamodule
+    from dvae.training.callbacks import CodebookMonitor, ReconstructionGrid, ShareCores, TrainingClock
+    from dvae.training.checkpointing import Interrupted, RunCheckpoints
+    from dvae.training.resume import check_decoder_output, checkpoint_step, readable_step, resolve_resume
+    from dvae.training.usage import run_verdict
 
     hydra_cfg = _hydra_config()
     if run_dir is None:

@@ -1,0 +1,1 @@
+"""The console commands: argument parsing and the error exit around the library."""

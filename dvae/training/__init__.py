@@ -1,0 +1,1 @@
+"""The training system: the LightningModule, its callbacks, checkpoints, loggers and resuming."""
