@@ -12,4 +12,8 @@ import os
 # Numerics are unchanged. A value the user set wins: THP_MEM_ALLOC_ENABLE=0 turns it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-__version__ = "0.1.0"
+from dvae.formats.openai import load_openai  # noqa: E402
+from dvae.model import DVAE  # noqa: E402
+from dvae.version import __version__  # noqa: E402
+
+__all__ = ["DVAE", "load_openai", "__version__"]

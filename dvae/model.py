@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dvae.errors import ConfigError
+from dvae.formats.pretrained import CONFIG_FILE, load_state, read_config, save_pretrained
 from dvae.losses import map_pixels, reconstruct
 from dvae.nn.codebook import GumbelCodebook
 from dvae.nn.decoder import Decoder
@@ -186,16 +189,21 @@ class DVAE(nn.Module):
                         dtype: torch.dtype | None = None) -> DVAE:
         """The model of an export directory (dvae-export or `save_pretrained`), in eval mode on
         `device`: torch alone rebuilds it, without Hydra, Lightning or the training checkpoint."""
-        from dvae.formats.pretrained import from_pretrained
-
-        return from_pretrained(path, device=device, dtype=dtype)[0]
+        path = Path(path)
+        config = read_config(path)
+        try:  # built on the meta device: no time goes into a random initialisation that is thrown away
+            with torch.device("meta"):
+                model = cls(**config["model"])
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{path / CONFIG_FILE}: the 'model' section does not describe a DVAE ({error}); "
+                              f"export the model again.") from error
+        model.load_state_dict(load_state(path, config, model.state_dict()), strict=True, assign=True)
+        return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, path, format: str = "safetensors", force: bool = False,
                         metadata: dict | None = None) -> None:
         """Write an export directory `from_pretrained` reads back (format: safetensors, npy or pt);
         refuses a non-empty directory unless `force`."""
-        from dvae.formats.pretrained import save_pretrained
-
         save_pretrained(self, path, format=format, force=force, metadata=metadata)
 
     def forward(self, images: Tensor, tau: float = 1.0) -> DVAEOutput:

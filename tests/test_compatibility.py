@@ -21,7 +21,7 @@ def pixels(folder: Path) -> dict[str, np.ndarray]:
 
 
 def test_an_export_of_0_1_loads_and_encodes_its_images_to_the_tokens_it_wrote(tmp_path):
-    from dvae.formats.tokens import encode_main
+    from dvae.cli.encode import main as encode_main
     from dvae.model import DVAE
 
     model = DVAE.from_pretrained(V01 / "export")
@@ -36,7 +36,7 @@ def test_an_export_of_0_1_loads_and_encodes_its_images_to_the_tokens_it_wrote(tm
 
 
 def test_a_token_set_of_0_1_decodes_to_the_images_it_gave_then(tmp_path):
-    from dvae.formats.tokens import decode_main
+    from dvae.cli.decode import main as decode_main
 
     assert decode_main(["--model", str(V01 / "export"), "--tokens", str(V01 / "tokens"),
                        "--out", str(tmp_path / "decoded"), "--no-progress"]) == 0

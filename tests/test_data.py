@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from dvae.data import DVAEDataModule, build_datamodule
 from dvae.data.common import EpochSampler
+from dvae.data.datamodule import DVAEDataModule, build_datamodule
 from dvae.data.folder import IMAGE_EXTENSIONS
 from dvae.data.photos import TRAIN_PHOTOS, VAL_PHOTOS
 from dvae.errors import ConfigError

@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data._utils.worker import ExceptionWrapper
 
 from dvae.cli.train import main, train
-from dvae.data import DVAEDataModule
+from dvae.data.datamodule import DVAEDataModule
 from dvae.data.folder import UnreadableImage, hash_order, read_rgb, split_by_hash, walk_images
 from dvae.errors import ConfigError, TrainingError
 

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 import dvae.data.folder as folder_module
-from dvae.data import DVAEDataModule
 from dvae.data.common import EpochSampler, item_rng, paper_augment
+from dvae.data.datamodule import DVAEDataModule
 from dvae.data.large import ShardStream
 from dvae.errors import ConfigError
 

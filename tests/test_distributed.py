@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dvae.cli.train import train, validate_config
-from dvae.data import build_datamodule
+from dvae.data.datamodule import build_datamodule
 from dvae.errors import ConfigError
 from dvae.training.module import DVAELightning
 

@@ -233,8 +233,8 @@ def test_the_command_exits_with_a_sentence_and_the_scripts_are_declared(tmp_path
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
     pyproject = (ROOT / "pyproject.toml").read_text()  # no tomllib: Python 3.10 is supported
-    for line in ('dvae-export = "dvae.cli.export:cli"', 'dvae-encode = "dvae.formats.tokens:encode_cli"',
-                 'dvae-decode = "dvae.formats.tokens:decode_cli"', '"safetensors'):
+    for line in ('dvae-export = "dvae.cli.export:cli"', 'dvae-encode = "dvae.cli.encode:cli"',
+                 'dvae-decode = "dvae.cli.decode:cli"', '"safetensors'):
         assert line in pyproject
 
 

@@ -126,7 +126,7 @@ def test_a_truncated_file_is_a_clear_error(tmp_path):
 
 
 def test_import_cli_writes_an_export_that_matches_the_official_model(tmp_path, capsys):
-    from dvae.formats.openai import import_main
+    from dvae.cli.import_openai import main as import_main
 
     enc, dec = official_pair()
     torch.save(enc, tmp_path / "encoder.pkl")
@@ -146,8 +146,8 @@ def test_import_cli_writes_an_export_that_matches_the_official_model(tmp_path, c
 def test_fine_tuning_from_an_imported_model_runs_and_its_loss_is_finite(tmp_path):
     import csv
 
+    from dvae.cli.import_openai import main as import_main
     from dvae.cli.train import train
-    from dvae.formats.openai import import_main
 
     from .conftest import FAST, compose_config
 

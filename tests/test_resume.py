@@ -17,7 +17,7 @@ import torch
 
 import dvae.training.checkpointing
 from dvae.cli.train import train
-from dvae.data import DVAEDataModule
+from dvae.data.datamodule import DVAEDataModule
 from dvae.errors import ConfigError, TrainingError
 from dvae.training.loggers import build_loggers
 from dvae.training.resume import checkpoint_step

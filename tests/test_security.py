@@ -125,7 +125,7 @@ def image_folder(tmp_path):
 
 
 def encode(capsys, model_dir: Path, data: Path, out: Path) -> tuple[int, str]:
-    from dvae.formats.tokens import encode_main
+    from dvae.cli.encode import main as encode_main
 
     code = encode_main(["--model", str(model_dir), "--data", str(data), "--out", str(out), "--size", "8",
                         "--no-progress", "--device", "cpu"])
@@ -173,7 +173,7 @@ def test_an_untouched_export_still_encodes(tmp_path, image_folder, capsys):
 
 @pytest.mark.parametrize("where", ["file", "shard"])
 def test_decode_refuses_a_token_file_of_pickled_objects(tmp_path, image_folder, marker, capsys, where):
-    from dvae.formats.tokens import decode_main
+    from dvae.cli.decode import main as decode_main
 
     export = tmp_path / "export"
     tiny_model().save_pretrained(export)
@@ -195,7 +195,7 @@ def test_decode_refuses_a_token_file_of_pickled_objects(tmp_path, image_folder, 
 @pytest.mark.parametrize("how", WRITERS)
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
 def test_import_openai_refuses_a_pickle_that_would_run_code(tmp_path, marker, capsys, how, part):
-    from dvae.formats.openai import import_main
+    from dvae.cli.import_openai import main as import_main
 
     files = {name: plant(tmp_path / f"{name}.pkl", {"blocks.input.w": torch.zeros(1)}, "zip")
              for name in ("encoder", "decoder")}

@@ -9,11 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-import dvae.formats.tokens as tokens_module
+import dvae.formats.encode as encode_module
+from dvae.cli.decode import main as decode_main
+from dvae.cli.encode import main as encode_main
 from dvae.cli.export import export
 from dvae.cli.train import train
+from dvae.data.images import load_image, to_uint8
 from dvae.errors import ConfigError
-from dvae.formats.tokens import decode_main, encode_main, load_image, load_tokens, to_uint8
+from dvae.formats.tokens import load_tokens
 from dvae.model import DVAE
 
 from .conftest import FAST, compose_config, one_sentence_error
@@ -104,7 +107,7 @@ def test_shards_index_and_meta(encoded, model_dir):
 
 def test_an_interrupted_run_continues_where_it_stopped(model_dir, image_dir, encoded, tmp_path, monkeypatch):
     out = tmp_path / "tokens"
-    real_write, calls = tokens_module._write_shard, []
+    real_write, calls = encode_module.write_shard, []
 
     def write_then_stop(*args):
         if len(calls) == 2:
@@ -112,7 +115,7 @@ def test_an_interrupted_run_continues_where_it_stopped(model_dir, image_dir, enc
         calls.append(args[1])
         real_write(*args)
 
-    monkeypatch.setattr(tokens_module, "_write_shard", write_then_stop)
+    monkeypatch.setattr(encode_module, "write_shard", write_then_stop)
     assert encode(model_dir, image_dir, out, "--shard-size", "2") == 130
     assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000.npy", "shard_00001.npy"]
     first = (out / "shard_00000.npy").stat().st_mtime_ns
@@ -121,7 +124,7 @@ def test_an_interrupted_run_continues_where_it_stopped(model_dir, image_dir, enc
         index.write('{"i": 4, "sha')
     np.save(out / "shard_00002.npy", np.zeros((2, 4, 4), np.uint16))
     (out / ".shard_00002.npy.123.abcd.tmp").write_bytes(b"half a shard")
-    monkeypatch.setattr(tokens_module, "_write_shard", lambda *args: (calls.append(args[1]), real_write(*args)))
+    monkeypatch.setattr(encode_module, "write_shard", lambda *args: (calls.append(args[1]), real_write(*args)))
     assert encode(model_dir, image_dir, out, "--shard-size", "2") == 0
     assert calls == [0, 1, 2]  # only the missing shard was encoded again
     assert not list(out.glob(".*.tmp"))
@@ -202,7 +205,7 @@ def test_a_single_grid_npy_decodes(model_dir, model, tmp_path):
 
 def test_the_command_reports_a_bad_folder_without_a_traceback(model_dir, tmp_path):
     (tmp_path / "empty").mkdir()
-    result = subprocess.run([sys.executable, "-m", "dvae.formats.tokens", "encode", "--model", str(model_dir), "--data",
+    result = subprocess.run([sys.executable, "-m", "dvae.cli.encode", "--model", str(model_dir), "--data",
                              str(tmp_path / "empty"), "--out", str(tmp_path / "t")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
@@ -250,7 +253,7 @@ def no_weights_read(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the weights were read before the input was checked")
 
-    monkeypatch.setattr(tokens_module, "from_pretrained", refuse)
+    monkeypatch.setattr(encode_module.DVAE, "from_pretrained", refuse)
 
 
 @pytest.mark.parametrize("case, message", [

@@ -13,12 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
+import dvae.data.images as images_module
+import dvae.formats.devices as devices_module
+import dvae.formats.encode as encode_module
 import dvae.formats.pretrained as pretrained_module
-import dvae.formats.tokens as tokens_module
+from dvae.cli.decode import main as decode_main
+from dvae.cli.encode import main as encode_main
 from dvae.cli.export import main as export_main
+from dvae.cli.import_openai import main as import_main
 from dvae.cli.report import main as report_main
-from dvae.formats.openai import import_main, to_official
-from dvae.formats.tokens import decode_main, encode_main
+from dvae.formats.openai import to_official
 from dvae.model import DVAE
 
 from .conftest import one_sentence_error
@@ -67,7 +71,7 @@ def no_weights_read(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the weights were read before the input was checked")
 
-    monkeypatch.setattr(tokens_module, "from_pretrained", refuse)
+    monkeypatch.setattr(encode_module.DVAE, "from_pretrained", refuse)
 
 
 def read_only_write(path, *args):
@@ -165,9 +169,9 @@ def test_dvae_encode_refuses_before_reading_weights(case, args, message, model_d
                                                     no_weights_read, monkeypatch):
     model, out = model_dir, tmp_path / "tokens"
     if case == "size_beyond_this_memory":  # 12 MB per 256x256 image
-        monkeypatch.setattr(tokens_module, "device_memory", lambda device: 2_000_000)
+        monkeypatch.setattr(devices_module, "device_memory", lambda device: 2_000_000)
     elif case == "batch_beyond_this_memory":
-        monkeypatch.setattr(tokens_module, "device_memory", lambda device: 40_000_000)
+        monkeypatch.setattr(devices_module, "device_memory", lambda device: 40_000_000)
     elif case == "image_size_in_dvae_json":
         model = bad_dvae_json(model_dir, tmp_path, image_size=18)
     elif case == "image_size_text_in_dvae_json":
@@ -191,10 +195,10 @@ def test_a_read_only_out_found_late_is_one_sentence_naming_it(tool, model_dir, i
                                                               monkeypatch):
     out = tmp_path / "out"
     if tool == "dvae-encode":
-        monkeypatch.setattr(tokens_module, "write_json", read_only_write)
+        monkeypatch.setattr(encode_module, "write_json", read_only_write)
         assert encode(model_dir, image_dir, out) == 2
     else:
-        monkeypatch.setattr(tokens_module, "atomic_write", read_only_write)  # the first PNG
+        monkeypatch.setattr(images_module, "atomic_write", read_only_write)  # the first PNG
         assert decode(model_dir, encoded, out) == 2
     error = one_sentence_error(capsys, tool)
     assert error.startswith(f"{tool}: error: {out}: read-only file system; fix that") and "Errno" not in error
@@ -255,11 +259,11 @@ def test_dvae_decode_refuses_before_reading_weights(case, names, message, model_
     elif case == "index_not_text":
         (tokens / "index.jsonl").write_bytes(b"\xff\xfe" * 20)
     elif case == "grid_beyond_memory":  # 16x16-pixel images need about 0.05 MB each
-        monkeypatch.setattr(tokens_module, "device_memory", lambda device: 20_000)
+        monkeypatch.setattr(devices_module, "device_memory", lambda device: 20_000)
     elif case == "batch_beyond_memory":
-        monkeypatch.setattr(tokens_module, "device_memory", lambda device: 200_000)
+        monkeypatch.setattr(devices_module, "device_memory", lambda device: 200_000)
     elif case == "sheet_beyond_memory":
-        monkeypatch.setattr(tokens_module, "device_memory", lambda device: 10_000)
+        monkeypatch.setattr(devices_module, "device_memory", lambda device: 10_000)
         args = ["--grid"]
     elif case == "source_renamed":
         (images / "b.png").rename(images / "z.png")

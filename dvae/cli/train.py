@@ -569,7 +569,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from dvae.data import build_datamodule
+    from dvae.data.datamodule import build_datamodule
     from dvae.training.callbacks import CodebookMonitor, ReconstructionGrid, ShareCores, TrainingClock
     from dvae.training.checkpointing import Interrupted, RunCheckpoints
     from dvae.training.resume import check_decoder_output, checkpoint_step, readable_step, resolve_resume

@@ -16,16 +16,18 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from dvae import __version__
 from dvae.errors import ConfigError
 from dvae.files import atomic_write, load_weights
-from dvae.model import DVAE
+from dvae.version import __version__
+
+if TYPE_CHECKING:  # the model imports this module to read and write its exports
+    from dvae.model import DVAE
 
 FORMAT_NAME = "dvae"
 FORMAT_VERSION = 1
@@ -289,23 +291,6 @@ def load_state(path: Path, config: dict[str, Any], expected: dict[str, Tensor]) 
             f"diverged model); export a good checkpoint again."
         )
     return state
-
-
-def from_pretrained(path: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> tuple[DVAE, dict[str, Any]]:
-    """(model in eval mode on `device`, its dvae.json). Built on the meta device and then given the
-    loaded tensors, so no time is spent on a random initialisation that would be thrown away."""
-    path = Path(path)
-    config = read_config(path)
-    try:
-        with torch.device("meta"):
-            model = DVAE(**config["model"])
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{path / CONFIG_FILE}: the 'model' section does not describe a DVAE ({error}); "
-                          f"export the model again.") from error
-    state = load_state(path, config, model.state_dict())
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval(), config
 
 
 def fingerprint(path: str | Path) -> str:
