@@ -250,7 +250,7 @@ class TrainStep:
     AdamW and its schedule, EMA update."""
 
     def __init__(self, cfg, device: str, precision: str, compile_model: bool = False, fused: bool = True):
-        from dvae.cli.train import build_module
+        from dvae.training.builders import build_module
 
         torch.manual_seed(cfg.seed)
         self.module = build_module(cfg).to(device)
@@ -296,7 +296,7 @@ def training_benchmark(model: str, size: int, batch: int, device: str, precision
     speed drifts on shared hosts). Fast
     steps get more repeats, up to `min_seconds` of preloaded steps: a median of five 0.15 s steps swung
     the real/preloaded ratio by 10% on a shared machine."""
-    from dvae.data import build_datamodule
+    from dvae.data.datamodule import build_datamodule
 
     cfg = model_config(model, size, batch)
     start = time.perf_counter()
@@ -373,7 +373,7 @@ def profile_markdown(profiled: dict) -> str:
 
 
 def encode_benchmark(model: str, size: int, batch: int, device: str, precision: str, repeats: int) -> dict:
-    from dvae.cli.train import build_module
+    from dvae.training.builders import build_module
 
     cfg = model_config(model, size, batch)
     model_ = build_module(cfg).model.to(device).eval()

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/trace_training.py OUT.csv [Hydra overrides ...]
     .venv/bin/python scripts/trace_training.py --plot OUT.png A.csv [B.csv ...]   # the curves side by side
 
-Runs `dvae.cli.train.train` with the overrides (into a temporary run directory unless hydra.run.dir is
+Runs `dvae.training.run.train` with the overrides (into a temporary run directory unless hydra.run.dir is
 given) and writes one CSV row per update: the KL per sub-pixel, the perplexity of the batch's argmax
 tokens and of its batch-averaged posterior, the mean per-position entropy of the posterior, the spread
 of the encoder's logits, ln b, and the gradient norms reaching the encoder's output layer, the whole
@@ -130,7 +130,7 @@ def main(argv: list[str]) -> None:
         plot(Path(argv[1]), [Path(a) for a in argv[2:]])
         return
     out, overrides = Path(argv[0]), argv[1:]
-    from dvae.cli.train import train
+    from dvae.training.run import train
 
     with initialize_config_module(config_module="dvae.configs", version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)

@@ -6,8 +6,10 @@ from importlib.resources import files
 import pytest
 import torch
 
-from dvae.cli.train import apply_scale_shorthand, build_module, train, validate_config
 from dvae.errors import ConfigError
+from dvae.training.builders import build_module
+from dvae.training.config_checks import apply_scale_shorthand, validate_config
+from dvae.training.run import train
 
 from .conftest import compose_config
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from dvae.cli.train import validate_config
+from dvae.training.config_checks import validate_config
 from dvae.training.cores import CoreShare
 
 

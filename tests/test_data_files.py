@@ -22,10 +22,11 @@ import torch
 from PIL import Image
 from torch.utils.data._utils.worker import ExceptionWrapper
 
-from dvae.cli.train import main, train
+from dvae.cli.train import main
 from dvae.data.datamodule import DVAEDataModule
 from dvae.data.folder import UnreadableImage, hash_order, read_rgb, split_by_hash, walk_images
 from dvae.errors import ConfigError, TrainingError
+from dvae.training.run import train
 
 from .conftest import FAST, compose_config, one_sentence_error
 from .test_data_scale import write_shards

@@ -11,10 +11,11 @@ import lightning as L
 import pytest
 import torch
 
-from dvae.cli.train import train, validate_config
 from dvae.data.datamodule import build_datamodule
 from dvae.errors import ConfigError
+from dvae.training.config_checks import validate_config
 from dvae.training.module import DVAELightning
+from dvae.training.run import train
 
 from .conftest import FAST
 from .test_train import run_cli

@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 
 import dvae
 from dvae.cli.export import export, main
-from dvae.cli.train import train
 from dvae.errors import ConfigError
 from dvae.model import DVAE
 from dvae.training.module import DVAELightning
+from dvae.training.run import train
 
 from .conftest import FAST, compose_config, one_sentence_error
 

@@ -147,7 +147,7 @@ def test_fine_tuning_from_an_imported_model_runs_and_its_loss_is_finite(tmp_path
     import csv
 
     from dvae.cli.import_openai import main as import_main
-    from dvae.cli.train import train
+    from dvae.training.run import train
 
     from .conftest import FAST, compose_config
 
@@ -170,8 +170,8 @@ def test_fine_tuning_from_an_imported_model_runs_and_its_loss_is_finite(tmp_path
 
 
 def test_init_from_a_missing_directory_is_refused(tmp_path):
-    from dvae.cli.train import train
     from dvae.errors import ConfigError
+    from dvae.training.run import train
 
     from .conftest import compose_config
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import dvae.training.checkpointing
-from dvae.cli.train import train
 from dvae.data.datamodule import DVAEDataModule
 from dvae.errors import ConfigError, TrainingError
 from dvae.training.loggers import build_loggers
 from dvae.training.resume import checkpoint_step
+from dvae.training.run import train
 
 from .conftest import FAST
 from .test_train import DVAE_TRAIN, run_cli

@@ -73,7 +73,7 @@ def run_to_resume(tmp_path, fast_config):
 @pytest.mark.parametrize("how", WRITERS)
 @pytest.mark.parametrize("resume", ["run", "auto"])
 def test_resume_refuses_a_checkpoint_that_would_run_code(run_to_resume, fast_config, marker, tmp_path, how, resume):
-    from dvae.cli.train import train
+    from dvae.training.run import train
 
     plant(run_to_resume / "checkpoints" / "last.ckpt", checkpoint_with(marker), how)
     value = run_to_resume if resume == "run" else "auto"
@@ -85,7 +85,7 @@ def test_lightning_reads_the_resumed_checkpoint_restricted_too(run_to_resume, fa
     """Even where torch.load's own default is unrestricted (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, torch < 2.6) and
     the step lookup is skipped, Trainer.fit's load of last.ckpt builds no Python object."""
     import dvae.training.resume
-    from dvae.cli.train import train
+    from dvae.training.run import train
 
     plant(run_to_resume / "checkpoints" / "last.ckpt", checkpoint_with(marker), "zip")
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
@@ -136,7 +136,7 @@ def encode(capsys, model_dir: Path, data: Path, out: Path) -> tuple[int, str]:
 @pytest.mark.parametrize("role", ["model", "codebook"])
 def test_an_export_in_pt_format_that_would_run_code_is_refused(tmp_path, marker, image_folder, capsys, fast_config,
                                                                 how, role):
-    from dvae.cli.train import train
+    from dvae.training.run import train
 
     export = tmp_path / "export"
     tiny_model().save_pretrained(export, format="pt")

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-import dvae.cli.train
+import dvae.training.config_checks
 from dvae.cli.report import write_report
-from dvae.cli.train import check_sweep_extra, train, validate_sweep
 from dvae.errors import ConfigError
+from dvae.training.config_checks import check_sweep_extra, validate_sweep
+from dvae.training.run import train
 
 from .conftest import FAST
 
@@ -116,8 +117,8 @@ def test_validate_sweep_refuses_ddp_only_in_a_multirun(fast_config):
 @pytest.mark.parametrize("args", [["hparams_search=scale_optuna"], ["-m", "hydra/launcher=submitit_local"],
                                   ["hydra/launcher=submitit_slurm"], ["hydra/sweeper=optuna"]])
 def test_a_missing_sweep_plugin_names_the_extra(args, monkeypatch):
-    real = dvae.cli.train.importlib.util.find_spec
-    monkeypatch.setattr(dvae.cli.train.importlib.util, "find_spec",
+    real = dvae.training.config_checks.importlib.util.find_spec
+    monkeypatch.setattr(dvae.training.config_checks.importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("hydra_plugins") else real(name, *a))
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[sweep\]'"):
         check_sweep_extra(args)
@@ -147,7 +148,7 @@ def test_a_stopped_sweep_job_stops_the_sweep(fast_config, tmp_path, monkeypatch,
     monkeypatch.setattr(train_module, "train", stopped)
     monkeypatch.setattr(train_module, "in_multirun", lambda: True)
     monkeypatch.setattr(train_module, "validate_sweep", lambda cfg: None)
-    monkeypatch.setattr(train_module, "_hydra_config",
+    monkeypatch.setattr(train_module, "hydra_config",
                         lambda: SimpleNamespace(runtime=SimpleNamespace(output_dir=str(tmp_path / "0"))))
     with pytest.raises(SystemExit) as exit_info:
         train_module.hydra_main(fast_config())  # a config passed in goes straight to the function

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dvae.cli.train import train
 from dvae.training.module import DVAELightning
+from dvae.training.run import train
 
 from .conftest import FAST
 

@@ -14,10 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-import dvae.cli.train
-from dvae.cli.train import RULES, check_new_run_dir, main, train, validate_config
+import dvae.training.config_checks
+from dvae.cli.train import main
 from dvae.errors import ConfigError
+from dvae.training.config_checks import RULES, validate_config
 from dvae.training.resume import resolve_resume
+from dvae.training.run import train
+from dvae.training.run_dir import check_new_run_dir
 
 from .conftest import FAST, compose_config
 from .test_train import run_cli
@@ -290,7 +293,7 @@ def test_random_values_for_every_numeric_key_are_accepted_or_named(base):
 
 def test_adding_a_rule_is_one_line(monkeypatch):
     """How a new option gets its range: one entry in RULES, checked like the others."""
-    monkeypatch.setitem(RULES, "codebook.dead_after", dvae.cli.train.Rule(int, 1))
+    monkeypatch.setitem(RULES, "codebook.dead_after", dvae.training.config_checks.Rule(int, 1))
     cfg = compose_config()
     OmegaConf.update(cfg, "codebook.dead_after", 0, force_add=True)
     with pytest.raises(ConfigError, match=r"codebook\.dead_after=0 must be an integer >= 1\."):

@@ -54,6 +54,7 @@ def test_a_step_down_the_usage_gradient_raises_the_entropy_of_the_batch_averaged
     logits.requires_grad_(True)
     deficit = batch_usage_deficit(logits)
     deficit.backward()
+
     def entropy(l):
         q = l.softmax(dim=1).mean(dim=(0, 2, 3))
         return float(-(q * q.log()).sum())

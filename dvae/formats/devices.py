@@ -11,9 +11,7 @@ import numpy as np
 import torch
 
 from dvae.errors import ConfigError
-from dvae.formats.tokens import (
-    first_shard,
-)
+from dvae.formats.tokens import first_shard
 
 
 def resolve_device(device: str) -> torch.device:
@@ -49,7 +47,6 @@ def progress_bar(enabled: bool):
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
                     disable=not enabled)
-
 
 
 def device_memory(device: torch.device) -> int | None:

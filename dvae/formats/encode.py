@@ -16,19 +16,9 @@ from torch.utils.data import DataLoader, Subset
 
 from dvae.data.images import open_images
 from dvae.errors import ConfigError
-from dvae.formats.devices import (
-    check_encode_memory,
-    progress_bar,
-    resolve_device,
-)
+from dvae.formats.devices import check_encode_memory, progress_bar, resolve_device
 from dvae.formats.pretrained import check_out_dir, fingerprint, read_config, write_json
-from dvae.formats.tokens import (
-    META_FILE,
-    clear_tokens,
-    completed,
-    token_dtype,
-    write_shard,
-)
+from dvae.formats.tokens import META_FILE, clear_tokens, completed, token_dtype, write_shard
 from dvae.model import DVAE
 
 
@@ -54,7 +44,6 @@ def image_size_for(config: dict[str, Any], size: int | None, model_dir: Path) ->
         f"--size {size} is not a positive multiple of the model's downsampling factor {f}; "
         f"use e.g. --size {suggestion}."
     )
-
 
 
 def encode_dataset(model_dir: str | Path, data: str, out: str | Path, size: int | None = None,

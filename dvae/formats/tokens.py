@@ -32,11 +32,9 @@ def token_dtype(K: int) -> np.dtype:
     return np.dtype(np.uint16) if K <= 2**16 else np.dtype(np.uint32)
 
 
-
 def first_shard(tokens: Path) -> np.ndarray:
     records = read_index(tokens, strict=True)
     return np.load(tokens / SHARD_NAME.format(records[0]["shard"] if records else 0), mmap_mode="r")
-
 
 
 def _index_problem(record: Any) -> str | None:
@@ -126,7 +124,6 @@ def clear_tokens(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-
 def write_shard(out: Path, shard: int, tokens: np.ndarray, sources: list[str], first: int) -> None:
     """The shard file first (atomically), then its index lines: an index line is never ahead of its data."""
     atomic_write(out / SHARD_NAME.format(shard), lambda f: np.save(f, tokens, allow_pickle=False))
@@ -135,7 +132,6 @@ def write_shard(out: Path, shard: int, tokens: np.ndarray, sources: list[str], f
     with open(out / INDEX_FILE, "a") as index:
         index.write(lines)
         index.flush()
-
 
 
 def load_npy(path: Path) -> np.ndarray:
