@@ -147,7 +147,7 @@ def test_a_non_empty_directory_is_refused_before_the_checkpoint_is_read(run_dir,
     (tmp_path / "busy" / "keep.txt").write_text("x")
     with pytest.raises(ConfigError, match="not empty"):
         export(run_dir, tmp_path / "busy")
-    with pytest.raises(ConfigError, match="no checkpoints/best.ckpt"):
+    with pytest.raises(ConfigError, match="no checkpoints/best.ckpt or last.ckpt"):
         export(tmp_path / "busy", tmp_path / "new")
     assert not (tmp_path / "new").exists()
 
@@ -297,3 +297,13 @@ def test_whether_the_decoder_predicts_the_scale_is_read_from_the_weights():
     assert model_kwargs(hp, older)["learned_scale"] is False
     today = {"decoder.blocks.output.conv.weight": torch.zeros(6, 8, 1, 1)}
     assert model_kwargs(hp, today)["learned_scale"] is True
+
+
+def test_a_run_that_never_validated_exports_its_last_checkpoint_and_says_so(tmp_path, capsys):
+    run = Path(__file__).parent / "fixtures" / "v0.1" / "run"  # it has checkpoints/last.ckpt only
+    assert main([str(run), "--out", str(tmp_path / "export")]) == 0
+    assert "has no best.ckpt (the run never validated); exporting" in capsys.readouterr().err
+    assert DVAE.from_pretrained(tmp_path / "export").K == 32
+    assert main([str(run), "--checkpoint", "best", "--out", str(tmp_path / "other")]) == 2
+    assert "no checkpoints/best.ckpt (it has last.ckpt" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

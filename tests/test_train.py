@@ -64,6 +64,9 @@ def test_cli_trains_and_writes_the_run_directory(data, tmp_path):
             "val/perplexity", "val/codes_used_fraction", "train/codes_used", "train/perplexity",
             "val/training_seconds"} <= logged
     assert "dvae-train: one dvae training process on this machine's" in result.stderr  # threads=auto says so
+    # nothing that is not about this run: no product tips, no notes on Lightning's own defaults, no warnings
+    for noise in ("Tip:", "weights_only", "Warning", "warn("):
+        assert noise not in result.stdout + result.stderr, noise
 
 
 @pytest.mark.slow
@@ -88,6 +91,13 @@ def test_cli_help_lists_groups_and_options(tmp_path):
                  "scale: constant, cosine, exponential, learned, linear",
                  "strategy: auto, ddp, ddp_spawn, deepspeed, fsdp, slurm, torchrun", "logger: csv, tensorboard, wandb"):
         assert line in result.stdout
+
+
+def test_trainer_max_time_needs_no_plus_and_ends_the_run_in_time(fast_config, tmp_path):
+    cfg = fast_config("trainer.max_steps=1000000", "trainer.max_time=00:00:00:02", "trainer.val_check_interval=100000")
+    train(cfg, run_dir=tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0 < metrics["steps"] < 1000000 and metrics["wall_seconds"] < 10
 
 
 def test_scheduled_scale_is_logged_and_follows_the_schedule(fast_config, tmp_path):

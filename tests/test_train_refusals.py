@@ -118,6 +118,9 @@ def test_values_at_the_edges_of_their_ranges_are_accepted():
     ("model=tinny", "Could not find 'model/tinny'", "model=tinny is not an option of model; did you mean model=tiny?"),
     ("model=nope", "Available options in 'model'",
      "model=nope is not an option of model; use one of dalle, small, tiny."),
+    ("trainer.sync_batchnorm=true", "Key 'sync_batchnorm' is not in struct",
+     "trainer.sync_batchnorm is a Lightning Trainer argument that the config does not list; pass it with "
+     "+trainer.sync_batchnorm=VALUE"),
 ])
 def test_hydra_errors_keep_hydras_text_and_exit_2_with_a_suggestion(cli, tmp_path, override, hydra_text, sentence):
     code, err = cli(override, f"hydra.run.dir={tmp_path / 'run'}")

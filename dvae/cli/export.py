@@ -26,23 +26,29 @@ WEIGHTS = {"ema": "ema.module.", "raw": "model."}
 CHECKPOINTS = ("best", "last")
 
 
-def resolve_checkpoint(source: str | Path, which: str = "best") -> Path:
-    """A .ckpt file as given, or `checkpoints/{which}.ckpt` of a run directory (or of the
-    checkpoints directory itself). best.ckpt is the best by validation PSNR, last.ckpt the latest."""
-    if which not in CHECKPOINTS:
+def resolve_checkpoint(source: str | Path, which: str | None = None) -> Path:
+    """A .ckpt file as given, or `checkpoints/{which}.ckpt` of a run directory (or of the checkpoints
+    directory itself). best.ckpt is the best by validation PSNR, last.ckpt the latest. Without `which`,
+    best.ckpt, or last.ckpt (said on stderr) for a run that never validated."""
+    if which is not None and which not in CHECKPOINTS:
         raise ConfigError(f"--checkpoint {which} is not known; use best or last.")
     path = Path(source).expanduser()
     if not path.exists():
         raise ConfigError(f"{path} does not exist; pass a run directory of dvae-train or a .ckpt file.")
     if path.is_file():
         return path
-    for candidate in (path / "checkpoints" / f"{which}.ckpt", path / f"{which}.ckpt"):
-        if candidate.is_file():
-            return candidate
+    for name in (which,) if which else CHECKPOINTS:
+        for candidate in (path / "checkpoints" / f"{name}.ckpt", path / f"{name}.ckpt"):
+            if candidate.is_file():
+                if name != "best" and which is None:
+                    print(f"dvae-export: {path} has no best.ckpt (the run never validated); exporting "
+                          f"{candidate}, the latest.", file=sys.stderr)
+                return candidate
     found = sorted(p.name for p in (path / "checkpoints").glob("*.ckpt")) + sorted(p.name for p in path.glob("*.ckpt"))
     hint = f" (it has {', '.join(found)}; pick one with --checkpoint or pass the file)" if found else ""
+    wanted = f"checkpoints/{which}.ckpt" if which else "checkpoints/best.ckpt or last.ckpt"
     raise ConfigError(
-        f"{path} has no checkpoints/{which}.ckpt{hint}; pass a run directory written by dvae-train or a .ckpt file."
+        f"{path} has no {wanted}{hint}; pass a run directory written by dvae-train or a .ckpt file."
     )
 
 
@@ -133,7 +139,7 @@ def scale_at(hp: dict[str, Any], step: int) -> float | None:
 
 
 def export(source: str | Path, out: str | Path, format: str = "safetensors", weights: str = "ema",
-           checkpoint: str = "best", force: bool = False) -> Path:
+           checkpoint: str | None = None, force: bool = False) -> Path:
     """Export a run directory's (or a .ckpt file's) model into `out`; returns `out`.
     `format="openai"` writes `encoder.pt` and `decoder.pt` instead: state dicts with the official
     key names, for `dall_e.Encoder` / `dall_e.Decoder`."""
@@ -166,7 +172,7 @@ def export(source: str | Path, out: str | Path, format: str = "safetensors", wei
     return out
 
 
-def export_openai(source: str | Path, out: str | Path, weights: str = "ema", checkpoint: str = "best",
+def export_openai(source: str | Path, out: str | Path, weights: str = "ema", checkpoint: str | None = None,
                   force: bool = False) -> Path:
     from dvae.formats.openai import to_official
     from dvae.formats.pretrained import atomic_write
@@ -199,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "state dicts with the official dall_e key names")
     parser.add_argument("--weights", default="ema", choices=tuple(WEIGHTS),
                         help="the EMA weights (validated during training; default) or the raw ones")
-    parser.add_argument("--checkpoint", default="best", choices=CHECKPOINTS,
-                        help="for a run directory: best (by validation PSNR; default) or last")
+    parser.add_argument("--checkpoint", default=None, choices=CHECKPOINTS,
+                        help="for a run directory: best (by validation PSNR) or last; default: best, or last for "
+                             "a run that never validated")
     parser.add_argument("--force", action="store_true", help="replace the export files in a non-empty --out")
     return parser
 

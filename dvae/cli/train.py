@@ -122,6 +122,14 @@ def _config_keys(overrides: list[str]) -> list[str]:
     return keys
 
 
+def trainer_arguments() -> set[str]:
+    import inspect
+
+    from lightning import Trainer
+
+    return set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+
+
 def hydra_error(error: Exception, overrides: list[str]) -> str:
     """Hydra's own message for a command line it could not compose, and a sentence with the nearest fix."""
     from hydra.errors import MissingConfigException
@@ -137,6 +145,9 @@ def hydra_error(error: Exception, overrides: list[str]) -> str:
         advice = (f"did you mean {group}={near[0]}?" if near else f"use one of {', '.join(options)}." if options
                   else "dvae-train --help lists the groups and their options.")
         sentence = f"{group}={option} is not an option of {group}; {advice}"
+    elif key and key.startswith("trainer.") and key.removeprefix("trainer.") in trainer_arguments():
+        sentence = (f"{key} is a Lightning Trainer argument that the config does not list; pass it with "
+                    f"+{key}=VALUE (the + adds a key).")
     elif key:
         near = difflib.get_close_matches(key, _config_keys(overrides), n=1, cutoff=0.6)
         advice = (f"did you mean {near[0]}?" if near

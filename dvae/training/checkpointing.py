@@ -88,7 +88,7 @@ class RunCheckpoints(L.Callback):
     def save(self, trainer: L.Trainer) -> None:
         for logger in trainer.loggers:
             logger.save()
-        trainer.save_checkpoint(self.last_path)
+        trainer.save_checkpoint(self.last_path, weights_only=False)  # the optimiser and loops too: to resume
         self.saved_step = trainer.global_step
 
     def _on_sigint(self, signum, frame) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
 from importlib import resources
 from typing import Any
@@ -126,6 +127,11 @@ RULES: dict[str, Any] = {
     "trainer.log_every_n_steps": Rule(int, 1),
     "trainer.gradient_clip_val": Rule(float, 0, none=True),
     "trainer.num_sanity_val_steps": Rule(int, -1),
+    "trainer.accumulate_grad_batches": Rule(int, 1),
+    "trainer.limit_train_batches": AnyOf(Rule(int, 0, none=True), Rule(float, 0, 1),
+                                         need="a number of batches, or a fraction of the epoch (0 to 1)"),
+    "trainer.limit_val_batches": AnyOf(Rule(int, 0, none=True), Rule(float, 0, 1),
+                                       need="a number of batches, or a fraction of the validation set (0 to 1)"),
     "data.channels": Rule(int, 1, 4),
     "data.crop_size": Rule(int, 1),
     "data.batch_size": Rule(int, 1),
@@ -242,6 +248,10 @@ def validate_config(cfg: DictConfig) -> None:
             f"data.batch_size={batch} is the global batch and must split evenly over the {world} processes "
             f"(trainer.devices x trainer.num_nodes); use data.batch_size={max(world, round(batch / world) * world)}."
         )
+    max_time = cfg.trainer.get("max_time")
+    if max_time is not None and not re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", str(max_time)):
+        raise ConfigError(f"trainer.max_time={max_time!r} must be DD:HH:MM:SS, e.g. trainer.max_time=00:01:30:00 "
+                          "for an hour and a half.")
     metric = cfg.get("optimized_metric", "psnr")
     if metric not in OPTIMIZABLE:
         raise ConfigError(f"optimized_metric={metric} is not known; use one of {', '.join(OPTIMIZABLE)}.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import time
 import traceback
@@ -27,6 +28,16 @@ from dvae.training.run_dir import check_new_run_dir, check_writable, clear_run_o
 warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
 # DVAELightning.on_after_batch_transfer (the channels-last layout) is meant to apply to the data module's batches.
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+
+
+class NoAdvertisements(logging.Filter):
+    """Lightning's tips recommend other products; a run prints only what is about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NoAdvertisements())
 
 
 def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
