@@ -13,7 +13,7 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from dvae.formats.openai import load_openai  # noqa: E402
-from dvae.model import DVAE  # noqa: E402
+from dvae.model import DVAE, DVAEConfig  # noqa: E402
 from dvae.version import __version__  # noqa: E402
 
-__all__ = ["DVAE", "load_openai", "__version__"]
+__all__ = ["DVAE", "DVAEConfig", "load_openai", "__version__"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +29,65 @@ def predicts_scale(loss: str, scale_mode: str) -> bool:
     """Whether the decoder outputs ln b too (2*C maps): with a learned scale, for every loss (each is a
     likelihood with a scale, `reconstruction_loss`). Training, export and `init_from` all build the
     decoder by this one rule. (`loss` no longer decides it; checkpoints of l1/mse runs made before it
-    stopped deciding it are read by their weights: `export.model_kwargs`, `resume.check_decoder_output`.)"""
+    stopped deciding it are read by their weights: `DVAEConfig.from_hparams`, `resume.check_decoder_output`.)"""
     return scale_mode == "learned"
+
+
+# The decoder's last convolution: 2*C output maps when it predicts the scale, C when it does not.
+DECODER_OUTPUT_WEIGHT = "decoder.blocks.output.conv.weight"
+
+
+@dataclass(frozen=True)
+class DVAEConfig:
+    """Everything that defines a DVAE's network, and nothing else: one object from the YAML (`model.*`,
+    `data.channels`, `pixel_eps`, `scale.log_floor`) to the checkpoint's hyper-parameters, dvae.json's
+    "model" section and `DVAE.from_pretrained`. The field names are those of the config and of files already
+    written. Adding a network option is a field here and its key in configs/model/*.yaml."""
+
+    channels: int = 3  # image channels
+    n_hid: int = 256  # width of the first residual group; each group doubles it
+    blocks_per_group: int = 2  # residual blocks per group
+    groups: int = 4  # groups of blocks; the image is downsampled 2**(groups - 1) times per side
+    K: int = 8192  # codebook size: the number of distinct tokens
+    n_init: int = 128  # the dimension D of a code vector (the decoder's input width)
+    learned_scale: bool = True  # the decoder predicts ln b (2*C output maps), as in the paper
+    log_scale_floor: float = DEFAULT_LOG_SCALE_FLOOR  # the soft floor on ln b (config scale.log_floor)
+    eps: float = 0.1  # pixels are mapped into [eps, 1 - eps] (config pixel_eps)
+    hard: bool = False  # straight-through one-hot samples instead of soft ones
+
+    def __post_init__(self):
+        for name in ("channels", "n_hid", "groups", "blocks_per_group", "K", "n_init"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name}={value!r} must be a positive integer.")
+        if self.K < 2:
+            raise ValueError(f"model.K={self.K} must be at least 2 codes.")
+        if not math.isfinite(self.log_scale_floor):
+            raise ValueError(f"scale.log_floor={self.log_scale_floor} must be a finite number; the default is "
+                             f"{DEFAULT_LOG_SCALE_FLOOR:.3f} (use e.g. -20 for almost no floor).")
+        if not 0.0 <= self.eps < 0.5:
+            raise ValueError(f"pixel_eps={self.eps} must be in [0, 0.5); the paper uses 0.1.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_hparams(cls, hp: Mapping[str, Any], state: Mapping[str, Tensor] | None = None) -> DVAEConfig:
+        """The network of a training run from `DVAELightning`'s hyper-parameters (flat, as checkpoints hold
+        them). Whether the decoder predicts the scale is read from its weights where `state` is given:
+        runs of loss=l1/mse made before those losses had a scale have no scale output even with scale=learned."""
+        values = {f.name: hp[f.name] for f in fields(cls) if f.name in hp}
+        for name in ("n_hid", "blocks_per_group", "groups", "K", "n_init"):  # no default: the weights need them
+            if name not in values:
+                raise KeyError(name)
+        values["eps"] = hp.get("pixel_eps", values.get("eps", 0.1))
+        values["learned_scale"] = predicts_scale(hp.get("loss", "logit_laplace"), hp.get("scale_mode", "learned"))
+        output = (state or {}).get(DECODER_OUTPUT_WEIGHT)
+        if output is not None:
+            values["learned_scale"] = output.shape[0] == 2 * values.get("channels", 3)
+        if values.get("log_scale_floor") is None:
+            values["log_scale_floor"] = DEFAULT_LOG_SCALE_FLOOR
+        return cls(**values)
 
 
 class DVAEOutput(NamedTuple):
@@ -51,30 +110,16 @@ class DVAE(nn.Module):
     default `DEFAULT_LOG_SCALE_FLOOR` = -4.382, the logit-space width of one 8-bit step at mid-grey).
     """
 
-    def __init__(self, channels: int = 3, n_hid: int = 256, blocks_per_group: int = 2,
-                 groups: int = 4, K: int = 8192, n_init: int = 128, learned_scale: bool = True,
-                 log_scale_floor: float = DEFAULT_LOG_SCALE_FLOOR, eps: float = 0.1,
-                 hard: bool = False):
+    def __init__(self, config: DVAEConfig | None = None, **overrides):
+        """`DVAE(DVAEConfig(...))`, or the config's fields as keywords: `DVAE(K=512, n_hid=32)`."""
         super().__init__()
-        for name, value in (("channels", channels), ("n_hid", n_hid), ("groups", groups),
-                            ("blocks_per_group", blocks_per_group), ("K", K), ("n_init", n_init)):
-            if value < 1:
-                raise ValueError(f"model.{name}={value} must be a positive integer.")
-        if K < 2:
-            raise ValueError(f"model.K={K} must be at least 2 codes.")
-        if not math.isfinite(log_scale_floor):
-            raise ValueError(f"scale.log_floor={log_scale_floor} must be a finite number; the default is "
-                             f"{DEFAULT_LOG_SCALE_FLOOR:.3f} (use e.g. -20 for almost no floor).")
-        if not 0.0 <= eps < 0.5:
-            raise ValueError(f"pixel_eps={eps} must be in [0, 0.5); the paper uses 0.1.")
-        self.channels, self.K, self.eps = channels, K, eps
-        self.groups = groups
-        self.learned_scale = learned_scale
-        self.log_scale_floor = log_scale_floor
-        self.encoder = Encoder(channels, n_hid, blocks_per_group, groups, K)
-        self.quantizer = GumbelCodebook(K, hard=hard)
-        out = 2 * channels if learned_scale else channels
-        self.decoder = Decoder(out, n_hid, blocks_per_group, groups, K, n_init)
+        c = self.config = DVAEConfig(**overrides) if config is None else replace(config, **overrides)
+        self.channels, self.K, self.eps, self.groups = c.channels, c.K, c.eps, c.groups
+        self.learned_scale, self.log_scale_floor = c.learned_scale, c.log_scale_floor
+        self.encoder = Encoder(c.channels, c.n_hid, c.blocks_per_group, c.groups, c.K)
+        self.quantizer = GumbelCodebook(c.K, hard=c.hard)
+        out = 2 * c.channels if c.learned_scale else c.channels
+        self.decoder = Decoder(out, c.n_hid, c.blocks_per_group, c.groups, c.K, c.n_init)
 
     @property
     def downsampling(self) -> int:

@@ -288,15 +288,15 @@ def test_a_hand_edited_dvae_json_is_refused_with_a_sentence(edit, message, expor
 def test_whether_the_decoder_predicts_the_scale_is_read_from_the_weights():
     """A loss=l1 run with scale=learned predicts ln b today; one from before l1 had a scale has C output
     maps only, and its checkpoint still exports (the weights decide, not today's rule)."""
-    from dvae.cli.export import model_kwargs
+    from dvae.model import DVAEConfig
 
     hp = {"loss": "l1", "scale_mode": "learned", "channels": 3, "n_hid": 8, "blocks_per_group": 1, "groups": 2,
           "K": 16, "n_init": 8}
-    assert model_kwargs(hp)["learned_scale"] is True
+    assert DVAEConfig.from_hparams(hp).learned_scale is True
     older = {"decoder.blocks.output.conv.weight": torch.zeros(3, 8, 1, 1)}
-    assert model_kwargs(hp, older)["learned_scale"] is False
+    assert DVAEConfig.from_hparams(hp, older).learned_scale is False
     today = {"decoder.blocks.output.conv.weight": torch.zeros(6, 8, 1, 1)}
-    assert model_kwargs(hp, today)["learned_scale"] is True
+    assert DVAEConfig.from_hparams(hp, today).learned_scale is True
 
 
 def test_a_run_that_never_validated_exports_its_last_checkpoint_and_says_so(tmp_path, capsys):

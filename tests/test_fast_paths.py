@@ -47,8 +47,8 @@ def test_the_fused_loss_passes_gradcheck_in_float64():
 @pytest.mark.slow
 def test_the_training_loss_is_the_same_with_and_without_compile_loss():
     torch.manual_seed(0)
-    eager = DVAELightning(n_hid=8, groups=2, K=16, n_init=8)
-    fused = DVAELightning(n_hid=8, groups=2, K=16, n_init=8, compile_loss=True)
+    eager = DVAELightning(n_hid=8, blocks_per_group=1, groups=2, K=16, n_init=8)
+    fused = DVAELightning(n_hid=8, blocks_per_group=1, groups=2, K=16, n_init=8, compile_loss=True)
     x = torch.rand(4, 3, 16, 16)
     with torch.no_grad():
         out = eager.model(x, 1.0)
@@ -59,8 +59,8 @@ def test_the_training_loss_is_the_same_with_and_without_compile_loss():
 
 def test_channels_last_training_computes_the_same_loss_and_gradients():
     torch.manual_seed(0)
-    plain = DVAELightning(n_hid=8, groups=2, K=16, n_init=8)
-    fast = DVAELightning(n_hid=8, groups=2, K=16, n_init=8, channels_last=True)
+    plain = DVAELightning(n_hid=8, blocks_per_group=1, groups=2, K=16, n_init=8)
+    fast = DVAELightning(n_hid=8, blocks_per_group=1, groups=2, K=16, n_init=8, channels_last=True)
     fast.load_state_dict(plain.state_dict())
     fast.setup("fit")
     assert fast.model.encoder.blocks.input.weight.is_contiguous(memory_format=torch.channels_last)

@@ -62,8 +62,8 @@ def layer_of(module: str) -> int:
 def test_the_public_api():
     import dvae
 
-    assert {"DVAE", "load_openai", "__version__"} <= set(dvae.__all__)
-    from dvae import DVAE, load_openai  # noqa: F401
+    assert {"DVAE", "DVAEConfig", "load_openai", "__version__"} <= set(dvae.__all__)
+    from dvae import DVAE, DVAEConfig, load_openai  # noqa: F401
 
     assert DVAE.__module__ == "dvae.model"
 

@@ -195,3 +195,48 @@ def test_the_log_scale_floor_holds_where_constant_images_drive_b_to_zero():
     # Not vacuous: with a floor far below, the same training takes ln b past the default floor.
     unfloored, losses = train_on_a_constant_image(-20.0)
     assert unfloored[-1] < floor - 0.15 and all(math.isfinite(loss) for loss in losses)
+
+
+# --- DVAEConfig: the one description of the network, from the YAML to the export ----------------------------
+
+def test_a_config_object_and_keywords_build_the_same_network():
+    from dvae import DVAEConfig
+
+    config = DVAEConfig(**TINY)
+    by_object, by_keywords = DVAE(config), DVAE(**TINY)
+    assert by_object.config == by_keywords.config == config
+    assert {k: v.shape for k, v in by_object.state_dict().items()} == \
+        {k: v.shape for k, v in by_keywords.state_dict().items()}
+    assert DVAE(config, K=32).config.K == 32  # a field replaced on top of a config
+
+
+def test_bad_fields_are_refused_with_the_key_named():
+    from dvae import DVAEConfig
+
+    with pytest.raises(ValueError, match="model.n_hid=0 must be a positive integer"):
+        DVAEConfig(n_hid=0)
+    with pytest.raises(ValueError, match="model.K=1 must be at least 2"):
+        DVAEConfig(K=1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'hidden'"):
+        DVAEConfig(hidden=3)
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "dalle"])
+def test_every_model_key_of_the_yaml_reaches_the_network_unchanged(name):
+    """build_module hands the whole `model:` section to DVAEConfig: a new network option is a field of
+    DVAEConfig and its key in the YAML, nothing in between."""
+    from dvae.training.builders import build_module
+    from tests.conftest import compose_config
+
+    cfg = compose_config([f"model={name}"])
+    network = build_module(cfg).model.config
+    for key, value in cfg.model.items():
+        assert getattr(network, key) == value, key
+    assert network.channels == cfg.data.channels and network.eps == cfg.pixel_eps
+
+
+def test_the_module_refuses_an_argument_that_is_not_a_network_field():
+    from dvae.training.module import DVAELightning
+
+    with pytest.raises(TypeError, match="unknown arguments hidden_width"):
+        DVAELightning(hidden_width=3)

@@ -91,7 +91,7 @@ def test_reseeding_touches_only_dead_codes_and_copies_the_source():
 
 
 def small_module(**kwargs):
-    return DVAELightning(n_hid=8, groups=2, K=16, n_init=8, **kwargs)
+    return DVAELightning(n_hid=8, blocks_per_group=1, groups=2, K=16, n_init=8, **kwargs)
 
 
 def test_the_usage_term_enters_the_loss_only_when_weighted():
@@ -212,7 +212,7 @@ def race(usage_weight: float, updates: int = 20) -> int:
     torch.manual_seed(0)
     fields = torch.rand(16, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     x = torch.nn.functional.interpolate(fields, size=16, mode="bilinear", align_corners=False)
-    module = DVAELightning(n_hid=16, K=64, n_init=16, usage_weight=usage_weight)
+    module = DVAELightning(n_hid=16, blocks_per_group=1, groups=3, K=64, n_init=16, usage_weight=usage_weight)
     optimizer = torch.optim.AdamW(module.model.parameters(), lr=1e-2)
     for _ in range(updates):
         out = module.model(x, 1.0)

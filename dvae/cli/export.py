@@ -20,7 +20,7 @@ import torch
 from dvae.errors import ConfigError, os_error_sentence
 from dvae.files import load_weights
 from dvae.formats.pretrained import FORMATS, check_out_dir, file_sha256, save_pretrained
-from dvae.model import DEFAULT_LOG_SCALE_FLOOR, DVAE, predicts_scale
+from dvae.model import DVAE, DVAEConfig
 
 WEIGHTS = {"ema": "ema.module.", "raw": "model."}
 CHECKPOINTS = ("best", "last")
@@ -70,22 +70,6 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def model_kwargs(hp: dict[str, Any], state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`DVAE` arguments from `DVAELightning`'s hyper-parameters (the same rule it applies). Whether the
-    decoder predicts the scale is read from the weights where given: runs of loss=l1/mse made before those
-    losses had a scale have no scale output even with scale=learned."""
-    learned = predicts_scale(hp.get("loss", "logit_laplace"), hp.get("scale_mode", "learned"))
-    output = (state or {}).get("decoder.blocks.output.conv.weight")
-    if output is not None:
-        learned = output.shape[0] == 2 * hp.get("channels", 3)
-    return {
-        "channels": hp.get("channels", 3), "n_hid": hp["n_hid"], "blocks_per_group": hp["blocks_per_group"],
-        "groups": hp["groups"], "K": hp["K"], "n_init": hp["n_init"], "learned_scale": learned,
-        "log_scale_floor": hp.get("log_scale_floor", DEFAULT_LOG_SCALE_FLOOR),
-        "eps": hp.get("pixel_eps", 0.1), "hard": hp.get("hard", False),
-    }
-
-
 def model_from_checkpoint(checkpoint: dict[str, Any], weights: str = "ema", path: Path | None = None) -> DVAE:
     """The checkpoint's EMA (or raw) `DVAE`, in eval mode on the CPU."""
     if weights not in WEIGHTS:
@@ -96,7 +80,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any], weights: str = "ema", path
         other = "raw" if weights == "ema" else "ema"
         raise ConfigError(f"{path or 'the checkpoint'} holds no {weights} weights ({prefix}*); try --weights {other}.")
     try:
-        model = DVAE(**model_kwargs(checkpoint["hyper_parameters"], state))
+        model = DVAE(DVAEConfig.from_hparams(checkpoint["hyper_parameters"], state))
     except KeyError as error:
         raise ConfigError(
             f"{path or 'the checkpoint'} lacks the hyper-parameter {error.args[0]}; pass a .ckpt written by dvae-train."

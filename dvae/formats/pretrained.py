@@ -45,23 +45,6 @@ CODEBOOK_WEIGHT = "decoder.blocks.input.weight"
 EXPORT_FILES = (CONFIG_FILE, *(name for names in FILE_NAMES.values() for name in names.values()))
 
 
-def architecture(model: DVAE) -> dict[str, Any]:
-    """The `DVAE(**kwargs)` that rebuilds `model`, read off the module itself."""
-    blocks = [name for name in model.encoder.blocks.group_1._modules if name.startswith("block_")]
-    return {
-        "channels": model.channels,
-        "n_hid": model.encoder.blocks.input.out_channels,
-        "blocks_per_group": len(blocks),
-        "groups": model.groups,
-        "K": model.K,
-        "n_init": model.decoder.blocks.input.out_channels,
-        "learned_scale": bool(model.learned_scale),
-        "log_scale_floor": float(model.log_scale_floor),
-        "eps": float(model.eps),
-        "hard": bool(model.quantizer.hard),
-    }
-
-
 def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
@@ -117,7 +100,7 @@ def save_pretrained(model: DVAE, out: str | Path, format: str = "safetensors", f
     state = model.state_dict()
     codebook = model.codebook.detach()
     tensors = {k: v for k, v in state.items() if k != CODEBOOK_WEIGHT}
-    arch = architecture(model)
+    arch = model.config.to_dict()
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

@@ -16,7 +16,6 @@ def load_init_from(cfg: DictConfig):
     architecture replaces the `model.*` keys, so the command line need not repeat it."""
     if not cfg.get("init_from"):
         return None
-    from dvae.formats.pretrained import architecture
     from dvae.model import DVAE, predicts_scale
 
     path = Path(str(cfg.init_from)).expanduser()
@@ -24,7 +23,7 @@ def load_init_from(cfg: DictConfig):
         raise ConfigError(f"init_from={path} is not an export directory (it has no dvae.json); pass a "
                           "directory written by dvae-export or dvae-import-openai.")
     pretrained = DVAE.from_pretrained(path)
-    arch = architecture(pretrained)
+    arch = pretrained.config.to_dict()
     if arch["channels"] != cfg.data.channels:
         raise ConfigError(f"init_from={path} has {arch['channels']} channels but data={cfg.data.name} has "
                           f"{cfg.data.channels}; pick data with {arch['channels']} channels.")
@@ -44,10 +43,9 @@ def build_module(cfg: DictConfig):
     from dvae.model import DEFAULT_LOG_SCALE_FLOOR
     from dvae.training.module import DVAELightning
 
-    m, s = cfg.model, cfg.scale
+    s = cfg.scale
     return DVAELightning(
-        channels=int(cfg.data.channels), n_hid=m.n_hid, blocks_per_group=m.blocks_per_group,
-        groups=m.groups, K=m.K, n_init=m.n_init, hard=m.hard, pixel_eps=cfg.pixel_eps,
+        **OmegaConf.to_container(cfg.model, resolve=True), channels=int(cfg.data.channels), pixel_eps=cfg.pixel_eps,
         loss=cfg.loss, scale_mode=s.mode, scale_value=s.get("value") or 0.1,
         scale_start=s.get("start", 0.5), scale_end=s.get("end", 0.05),
         scale_steps=s.get("steps", 1000),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+from dataclasses import fields
 
 import lightning as L
 import numpy as np
@@ -23,7 +24,7 @@ from dvae.losses import (
     reconstruct,
     reconstruction_loss,
 )
-from dvae.model import DEFAULT_LOG_SCALE_FLOOR, DVAE, predicts_scale
+from dvae.model import DEFAULT_LOG_SCALE_FLOOR, DVAE, DVAEConfig
 from dvae.nn.codebook import perplexity
 from dvae.schedules import Schedule
 from dvae.training.usage import (
@@ -126,11 +127,8 @@ class DVAELightning(L.LightningModule):
 
     def __init__(
         self,
-        # network
-        channels: int = 3, n_hid: int = 32, blocks_per_group: int = 1, groups: int = 3,
-        K: int = 512, n_init: int = 32, hard: bool = False, pixel_eps: float = 0.1,
         # objective
-        loss: str = "logit_laplace", scale_mode: str = "learned", scale_value: float = 0.1,
+        pixel_eps: float = 0.1, loss: str = "logit_laplace", scale_mode: str = "learned", scale_value: float = 0.1,
         scale_start: float = 0.5, scale_end: float = 0.05, scale_steps: int = 1000,
         log_scale_floor: float = DEFAULT_LOG_SCALE_FLOOR,
         # schedules (paper shapes: cosine)
@@ -151,16 +149,20 @@ class DVAELightning(L.LightningModule):
         compile_loss: bool = False, compile_model: bool = False,
         # channels-last (NHWC) activations and weights: oneDNN's fast convolution layout on CPUs and GPUs
         channels_last: bool = False,
+        # the network: DVAEConfig's fields by name (flat, so checkpoints keep them as plain hyper-parameters)
+        **network,
     ):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r} is not known; use one of {', '.join(LOSSES)}.")
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"scale mode {scale_mode!r} is not known; use one of {', '.join(SCALE_MODES)}.")
+        unknown = sorted(set(network) - {f.name for f in fields(DVAEConfig)})
+        if unknown:
+            raise TypeError(f"DVAELightning got unknown arguments {', '.join(unknown)} (the network's: DVAEConfig).")
         self.save_hyperparameters()
-        self.model = DVAE(channels, n_hid, blocks_per_group, groups, K, n_init,
-                          learned_scale=predicts_scale(loss, scale_mode), log_scale_floor=log_scale_floor,
-                          eps=pixel_eps, hard=hard)
+        self.model = DVAE(DVAEConfig.from_hparams({**DVAEConfig().to_dict(), **self.hparams}))
+        K = self.model.K
         self.ema = AveragedModel(self.model, multi_avg_fn=functools.partial(ema_update, ema_decay),
                                  use_buffers=True)
         self.ema.requires_grad_(False)
@@ -193,8 +195,8 @@ class DVAELightning(L.LightningModule):
 
     def collapse_advice(self) -> str:
         """What to try if the codebook collapsed, for this run's settings and its last training KL."""
-        uniform = posterior_went_uniform(getattr(self, "last_kl_per_position", None), self.hparams.K)
-        return collapse_advice(self.hparams.usage_weight, self.hparams.hard, uniform)
+        uniform = posterior_went_uniform(getattr(self, "last_kl_per_position", None), self.model.K)
+        return collapse_advice(self.hparams.usage_weight, self.model.config.hard, uniform)
 
     def log_scale_for(self, model: DVAE, mu: Tensor, log_scale: Tensor | None) -> Tensor | None:
         """ln b for the loss: the decoder's when learned, else the scheduled value at this step."""
@@ -251,7 +253,7 @@ class DVAELightning(L.LightningModule):
             # sum_i H(q_i) = positions * ln K - sum_i KL(q_i || U): the same KL with the opposite sign, from
             # update 0 on, so that a posterior drifting to uniform is pushed back (docs/collapse.md)
             positions = out.logits[0, 0].numel()
-            entropy = positions * math.log(self.hparams.K) / batch[0].numel() - kl
+            entropy = positions * math.log(self.model.K) / batch[0].numel() - kl
             loss = loss + self.hparams.entropy_weight * entropy
             logs["train/entropy"] = entropy
         self.usage.add(out.logits.detach().argmax(dim=1))
