@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 
 KINDS = ("constant", "linear", "cosine", "exponential")
+# The Laplace scale b: predicted by the decoder (learned, the paper), or one of the schedules above.
+SCALE_MODES = ("learned", *KINDS)
+# The fixed scale b of the seed note: the value a constant scale takes when none is given.
+SEED_SCALE = 0.1
 
 
 def _check_number(name: str, value: object) -> None:

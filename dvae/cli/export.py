@@ -21,6 +21,7 @@ from dvae.errors import ConfigError, os_error_sentence
 from dvae.files import load_weights
 from dvae.formats.pretrained import FORMATS, check_out_dir, file_sha256, save_pretrained
 from dvae.model import DVAE, DVAEConfig
+from dvae.schedules import SEED_SCALE, Schedule
 
 WEIGHTS = {"ema": "ema.module.", "raw": "model."}
 CHECKPOINTS = ("best", "last")
@@ -116,9 +117,7 @@ def scale_at(hp: dict[str, Any], step: int) -> float | None:
     if mode == "learned":
         return None
     if mode == "constant":
-        return float(hp.get("scale_value", 0.1))
-    from dvae.schedules import Schedule
-
+        return float(hp.get("scale_value", SEED_SCALE))
     return float(Schedule(mode, hp["scale_start"], hp["scale_end"], hp["scale_steps"])(step))
 
 

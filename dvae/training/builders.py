@@ -8,6 +8,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dvae.errors import ConfigError
+from dvae.schedules import SEED_SCALE
 from dvae.training.config_checks import GPU_ONLY_STRATEGIES
 
 
@@ -46,7 +47,7 @@ def build_module(cfg: DictConfig):
     s = cfg.scale
     return DVAELightning(
         **OmegaConf.to_container(cfg.model, resolve=True), channels=int(cfg.data.channels), pixel_eps=cfg.pixel_eps,
-        loss=cfg.loss, scale_mode=s.mode, scale_value=s.get("value") or 0.1,
+        loss=cfg.loss, scale_mode=s.mode, scale_value=s.get("value") or SEED_SCALE,
         scale_start=s.get("start", 0.5), scale_end=s.get("end", 0.05),
         scale_steps=s.get("steps", 1000),
         log_scale_floor=DEFAULT_LOG_SCALE_FLOOR if s.get("log_floor") is None else s.log_floor,

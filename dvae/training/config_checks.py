@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dvae.errors import ConfigError
 from dvae.losses import LOSSES
-from dvae.schedules import KINDS
+from dvae.schedules import KINDS, SCALE_MODES, SEED_SCALE
 from dvae.training.hydra_run import hydra_config, in_multirun
 
 PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
@@ -148,7 +148,8 @@ RULES: dict[str, Any] = {
     "model.groups": Rule(int, 1, 16, hint="the downsampling factor is 2**(groups-1)"),
     "model.K": Rule(int, 2),
     "model.n_init": Rule(int, 1),
-    "scale.value": Rule(float, 0, low_open=True, none=True, hint="the Laplace scale b is positive (the seed used 0.1)"),
+    "scale.value": Rule(float, 0, low_open=True, none=True,
+                        hint=f"the Laplace scale b is positive (the seed used {SEED_SCALE})"),
     "scale.start": Rule(float, 0, low_open=True, hint="the Laplace scale b is positive"),
     "scale.end": Rule(float, 0, low_open=True, hint="the Laplace scale b is positive"),
     "scale.steps": Rule(int, 0),
@@ -214,13 +215,14 @@ def validate_config(cfg: DictConfig) -> None:
             )
     elif mode == "constant":
         if cfg.scale.get("value") is None:
-            raise ConfigError("scale=constant needs scale.value, the fixed Laplace scale b (the seed used 0.1).")
+            raise ConfigError(
+                f"scale=constant needs scale.value, the fixed Laplace scale b (the seed used {SEED_SCALE}).")
     elif mode in KINDS:
         for key in ("scale.start", "scale.end", "scale.steps"):
             if OmegaConf.select(cfg, key) is None:
                 raise ConfigError(f"scale={mode} needs {key}.")
     else:
-        raise ConfigError(f"scale.mode={mode} is not known; use scale=learned, constant, linear, cosine, exponential.")
+        raise ConfigError(f"scale.mode={mode} is not known; use scale={', '.join(SCALE_MODES)}.")
     factor = 2 ** (int(cfg.model.groups) - 1)
     crop = int(cfg.data.crop_size)
     if crop % factor or crop <= 0:

@@ -1,18 +1,16 @@
-"""The training system around `DVAE`: the ELBO, the schedules, AdamW, EMA and the metrics."""
+"""The LightningModule around `DVAE`: the ELBO, the schedules, AdamW, EMA, the validation metrics."""
 
 from __future__ import annotations
 
 import functools
 import math
-import random
 from dataclasses import fields
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
-from torchmetrics import MeanMetric, Metric, SumMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from dvae.errors import TrainingError
 from dvae.losses import (
@@ -26,7 +24,9 @@ from dvae.losses import (
 )
 from dvae.model import DEFAULT_LOG_SCALE_FLOOR, DVAE, DVAEConfig
 from dvae.nn.codebook import perplexity
-from dvae.schedules import Schedule
+from dvae.schedules import SCALE_MODES, SEED_SCALE, Schedule
+from dvae.training.metrics import CodeCounts, EdgePSNR
+from dvae.training.rng_state import rng_state, set_rng_state
 from dvae.training.usage import (
     UsageWindow,
     batch_usage_deficit,
@@ -36,59 +36,6 @@ from dvae.training.usage import (
     posterior_went_uniform,
     reseed_codes,
 )
-
-SCALE_MODES = ("learned", "constant", "linear", "cosine", "exponential")
-# `val/psnr_edges` counts the pixels whose Sobel gradient magnitude (of the original's luminance,
-# in intensity per pixel) is at least this: a step of 10% of the range across one pixel.
-EDGE_THRESHOLD = 0.1
-
-
-def sobel_magnitude(x: Tensor) -> Tensor:
-    """[B, C, H, W] images in [0, 1] -> [B, 1, H, W] gradient magnitude of their channel mean."""
-    gray = x.mean(dim=1, keepdim=True)
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device, dtype=x.dtype) / 8
-    kernels = torch.stack([kx, kx.t()]).unsqueeze(1)
-    grad = torch.nn.functional.conv2d(torch.nn.functional.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)
-    return grad.pow(2).sum(dim=1, keepdim=True).sqrt()
-
-
-class EdgePSNR(Metric):
-    """PSNR (dB) pooled over the pixels near strong edges of the originals, over the whole set.
-
-    A pixel counts (all its channels) when the Sobel magnitude of the original is >= threshold;
-    the squared error and the count are summed over batches (and ranks), NaN when no pixel counts.
-    """
-
-    def __init__(self, threshold: float = EDGE_THRESHOLD):
-        super().__init__()
-        self.threshold = threshold
-        self.add_state("sse", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, x: Tensor, x_hat: Tensor) -> None:
-        mask = (sobel_magnitude(x) >= self.threshold).expand_as(x)
-        self.sse += (x - x_hat).pow(2)[mask].sum().double()
-        self.count += mask.sum()
-
-    def compute(self) -> Tensor:
-        if self.count == 0:
-            return torch.tensor(float("nan"))
-        mse = (self.sse / self.count).clamp_min(1e-10)
-        return (10.0 * torch.log10(1.0 / mse)).float()
-
-
-class CodeCounts(Metric):
-    """How often each of the K codes is the argmax over the validation set (summed over ranks)."""
-
-    def __init__(self, K: int):
-        super().__init__()
-        self.add_state("counts", default=torch.zeros(K, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, tokens: Tensor) -> None:
-        self.counts += torch.bincount(tokens.flatten(), minlength=self.counts.numel())
-
-    def compute(self) -> Tensor:
-        return self.counts
 
 
 def ema_update(decay: float, averaged: list[Tensor], current: list[Tensor], num_averaged) -> None:
@@ -100,18 +47,6 @@ def ema_update(decay: float, averaged: list[Tensor], current: list[Tensor], num_
     for a, c in zip(averaged, current):
         if not a.is_floating_point():
             a.copy_(c)
-
-
-def numpy_rng_state() -> dict:
-    """numpy's global RNG state as tensors and numbers, which `torch.load(weights_only=True)` accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-
-
-def set_numpy_rng_state(state: dict) -> None:
-    np.random.set_state((state["kind"], state["keys"].numpy().astype(np.uint32), state["pos"],
-                         state["has_gauss"], state["cached_gaussian"]))
 
 
 class NonFiniteTraining(TrainingError):
@@ -128,7 +63,8 @@ class DVAELightning(L.LightningModule):
     def __init__(
         self,
         # objective
-        pixel_eps: float = 0.1, loss: str = "logit_laplace", scale_mode: str = "learned", scale_value: float = 0.1,
+        pixel_eps: float = 0.1, loss: str = "logit_laplace",
+        scale_mode: str = "learned", scale_value: float = SEED_SCALE,
         scale_start: float = 0.5, scale_end: float = 0.05, scale_steps: int = 1000,
         log_scale_floor: float = DEFAULT_LOG_SCALE_FLOOR,
         # schedules (paper shapes: cosine)
@@ -341,10 +277,7 @@ class DVAELightning(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Everything `resume` needs beyond what Lightning saves: the RNG streams (the Gumbel noise comes
         from torch's) and the non-finite guard's counters."""
-        checkpoint["dvae_rng"] = {
-            "torch": torch.get_rng_state(), "numpy": numpy_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        checkpoint["dvae_rng"] = rng_state()
         checkpoint["dvae_usage"] = self.usage.state_dict()
         checkpoint["dvae_guard"] = {"bad_steps_total": self.bad_steps_total,
                                     "bad_steps_in_a_row": self.bad_steps_in_a_row,
@@ -353,11 +286,7 @@ class DVAELightning(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         rng = checkpoint.get("dvae_rng")
         if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            set_numpy_rng_state(rng["numpy"])
-            random.setstate(rng["python"])
-            if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            set_rng_state(rng)
         if "dvae_usage" in checkpoint:
             self.usage.load_state_dict(checkpoint["dvae_usage"])
         guard = checkpoint.get("dvae_guard", {})
