@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from dvae.data.common import EpochSampler
 from dvae.data.datamodule import DVAEDataModule, build_datamodule
-from dvae.data.folder import IMAGE_EXTENSIONS
+from dvae.data.image_files import IMAGE_EXTENSIONS
 from dvae.data.photos import TRAIN_PHOTOS, VAL_PHOTOS
+from dvae.data.samplers import EpochSampler
 from dvae.errors import ConfigError
 
 SMALL = dict(batch_size=8, train_samples=32, val_samples=16)

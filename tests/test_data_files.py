@@ -24,7 +24,8 @@ from torch.utils.data._utils.worker import ExceptionWrapper
 
 from dvae.cli.train import main
 from dvae.data.datamodule import DVAEDataModule
-from dvae.data.folder import UnreadableImage, hash_order, read_rgb, split_by_hash, walk_images
+from dvae.data.folder import hash_order, split_by_hash, walk_images
+from dvae.data.image_files import UnreadableImage, read_rgb
 from dvae.errors import ConfigError, TrainingError
 from dvae.training.run import train
 

@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 import dvae.data.folder as folder_module
-from dvae.data.common import EpochSampler, item_rng, paper_augment
 from dvae.data.datamodule import DVAEDataModule
-from dvae.data.large import ShardStream
+from dvae.data.samplers import EpochSampler
+from dvae.data.transforms import item_rng, paper_augment
+from dvae.data.webdataset import ShardStream
 from dvae.errors import ConfigError
 
 from .test_data import no_md5_check, write_cifar10  # noqa: F401  (a fixture)

@@ -294,7 +294,7 @@ def test_training_skips_a_fifo_in_data_root_without_opening_it(tmp_path, image_f
 def test_an_image_format_outside_the_accepted_ones_is_not_opened(tmp_path):
     """Pillow goes by a file's content, not its name, and some of its formats start other programs (EPS runs
     Ghostscript): a file named .png that is not one of the accepted formats is refused unread."""
-    from dvae.data.folder import read_rgb
+    from dvae.data.image_files import read_rgb
 
     path = tmp_path / "x.png"
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(path, format="PCX")

@@ -19,12 +19,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dvae.data.common import AUGMENTATIONS, EpochSampler, RankShard, ResumableLoader, stable_seed
+from dvae.data.celeba import build_celeba
 from dvae.data.folder import BadFiles, build_folder
-from dvae.data.large import ShardStream, StreamLoader, build_celeba, build_imagenet, build_webdataset
+from dvae.data.imagenet import build_imagenet
 from dvae.data.photos import build_photos
+from dvae.data.samplers import EpochSampler, RankShard, ResumableLoader
 from dvae.data.shapes import build_shapes
 from dvae.data.torchvision_sets import build_cifar10, build_mnist
+from dvae.data.transforms import AUGMENTATIONS, stable_seed
+from dvae.data.webdataset import ShardStream, StreamLoader, build_webdataset
 from dvae.errors import ConfigError
 
 SOURCES = ("photos", "shapes", "folder", "mnist", "cifar10", "celeba", "imagenet", "webdataset")

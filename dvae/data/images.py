@@ -11,8 +11,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dvae.data.common import center_crop, resize, to_unit_float
-from dvae.data.folder import IMAGE_EXTENSIONS, read_rgb, walk_images
+from dvae.data.folder import walk_images
+from dvae.data.image_files import IMAGE_EXTENSIONS, read_rgb
+from dvae.data.transforms import center_crop, resize, to_unit_float
 from dvae.errors import ConfigError
 from dvae.files import atomic_write
 

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dvae.data.common import item_rng, random_crop, resize, to_unit_float
+from dvae.data.transforms import item_rng, random_crop, resize, to_unit_float
 from dvae.errors import ConfigError
 
 PHOTO_DIR = Path(skimage.__file__).parent / "data"

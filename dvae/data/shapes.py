@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dvae.data.common import item_rng
+from dvae.data.transforms import item_rng
 
 ABSENT, RECTANGLE, CIRCLE, TRIANGLE = -1, 0, 1, 2
 MAX_SHAPES = 4

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torchvision import datasets
 
-from dvae.data.common import CroppedImages
+from dvae.data.transforms import CroppedImages
 from dvae.errors import ConfigError
 
 DEFAULT_ROOT = "~/.cache/dvae/datasets"

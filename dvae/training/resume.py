@@ -21,7 +21,7 @@ from dvae.training.checkpointing import LAST
 GROUPS = ("data", "model", "scale", "strategy", "logger", "experiment", "hparams_search")
 # sections that every run's config.yaml has: without them it is not a run's config
 RUN_SECTIONS = ("data", "model", "trainer")
-# what the position inside an epoch is counted in (see dvae.data.common.ResumableLoader)
+# what the position inside an epoch is counted in (see dvae.data.samplers.ResumableLoader)
 BATCH_KEYS = ("data.batch_size", "trainer.devices", "trainer.num_nodes")
 
 

@@ -1,14 +1,5 @@
-"""Datasets at scale: CelebA and ImageNet from a local root, and tar shards streamed with `webdataset`.
-
-CelebA and ImageNet are served like `data=folder` (files read on demand, bad files skipped, the paper's
-augmentation available); only the layout differs:
-- celeba: torchvision's layout, `root/celeba/img_align_celeba/*.jpg` and `list_eval_partition.txt` (with
-  the other annotation files torchvision checks); torchvision's `CelebA` finds and checks them, and its
-  "train" / "valid" partitions are the splits.
-- imagenet: `root/train/<wnid>/*.JPEG` and `root/val/<wnid>/*.JPEG`, the ImageFolder layout that
-  torchvision's `ImageNet` class builds (its devkit archive is not needed). The file lists are cached like
-  data=folder's.
-"""
+"""Tar shards streamed with `webdataset` (data=webdataset): each rank and worker reads its own shards, and
+samples are decoded, cropped and served in a seeded order."""
 
 from __future__ import annotations
 
@@ -21,71 +12,24 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dvae.data.common import center_crop, grow_to_fit, paper_augment, random_crop, stable_seed, to_unit_float
-from dvae.data.folder import (
-    BadFiles,
-    FileCheck,
-    FolderImages,
+from dvae.data.folder import BadFiles
+from dvae.data.image_files import (
     UnreadableImage,
-    folder_index,
     one_line,
     open_image,
     rgb_array,
 )
+from dvae.data.transforms import (
+    center_crop,
+    grow_to_fit,
+    paper_augment,
+    random_crop,
+    stable_seed,
+    to_unit_float,
+)
 from dvae.errors import ConfigError
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
-
-
-def build_celeba(root: str | None, crop_size: int, train_samples: int, seed: int, random_flip: bool,
-                 augment: str, on_bad_file: str, bad_files: BadFiles | None,
-                 cache_mb: float = 0) -> tuple[FolderImages, FolderImages]:
-    from torchvision import datasets
-
-    path = Path(root or ".").expanduser()
-
-    def split(name: str) -> list[Path]:
-        try:
-            found = datasets.CelebA(str(path), split=name, target_type=[], download=False)
-        except (RuntimeError, OSError) as error:
-            raise ConfigError(
-                f"CelebA was not found (or is corrupted) under data.root={path}; data.root needs "
-                f"{path}/celeba/img_align_celeba/*.jpg and the annotation files (list_eval_partition.txt, ...) "
-                "as torchvision's CelebA expects them."
-            ) from error
-        files = [path / found.base_folder / "img_align_celeba" / file for file in found.filename]
-        return check.fixed_split(files, name, path)
-
-    check = FileCheck(on_bad_file, bad_files)
-    options = {"bad_files": bad_files, "on_bad_file": on_bad_file, "cache_mb": cache_mb}
-    train, val = split("train"), split("valid")
-    check.report()
-    return (FolderImages(train, crop_size, True, seed, random_flip, train_samples, augment, **options),
-            FolderImages(val, crop_size, False, seed, random_flip, **options))
-
-
-def build_imagenet(root: str | None, crop_size: int, train_samples: int, seed: int, random_flip: bool,
-                   augment: str, on_bad_file: str, bad_files: BadFiles | None,
-                   rescan: bool, cache_mb: float = 0) -> tuple[FolderImages, FolderImages]:
-    path = Path(root or ".").expanduser()
-
-    def split(name: str) -> list[Path]:
-        folder = path / name
-        if not folder.is_dir():
-            raise ConfigError(f"data.root={path} has no {name}/ directory for ImageNet's {name} split; data.root must "
-                              "hold train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (torchvision's ImageFolder layout).")
-        files, seen = folder_index(folder, rescan)
-        if not files:
-            raise ConfigError(f"data.root={path}: {folder} holds no images ({seen} files seen); data.root must "
-                              "hold train/<wnid>/*.JPEG and val/<wnid>/*.JPEG.")
-        return check.fixed_split(files, name, path)
-
-    check = FileCheck(on_bad_file, bad_files)
-    options = {"bad_files": bad_files, "on_bad_file": on_bad_file, "cache_mb": cache_mb}
-    train, val = split("train"), split("val")
-    check.report()
-    return (FolderImages(train, crop_size, True, seed, random_flip, train_samples, augment, **options),
-            FolderImages(val, crop_size, False, seed, random_flip, **options))
 
 
 def expand_shards(urls: str | list[str] | None, key: str) -> list[str]:
