@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dvae
-from dvae.cli.export import export, main
+from dvae.cli.export import main
 from dvae.errors import ConfigError
+from dvae.formats.checkpoint import export
 from dvae.model import DVAE
 from dvae.training.module import DVAELightning
 from dvae.training.run import train

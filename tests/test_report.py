@@ -7,8 +7,9 @@ import torch
 import yaml
 from PIL import Image
 
-from dvae.cli.report import main, write_report
+from dvae.cli.report import main
 from dvae.training.metrics import EdgePSNR, sobel_magnitude
+from dvae.training.sweep_report import write_report
 
 METRICS = {"psnr": 21.5, "psnr_mean_color": 18.25, "psnr_edges": 15.75, "bits_per_dim": 6.5,
            "perplexity": 30.0, "codes_used_fraction": 0.125, "steps": 300, "wall_seconds": 42.0}

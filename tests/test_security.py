@@ -230,7 +230,7 @@ def test_an_official_pickle_in_the_legacy_format_still_imports(tmp_path):
 
 @pytest.mark.parametrize("planted", ["report.md", "report.png"])
 def test_report_replaces_a_planted_symlink_instead_of_writing_through_it(tmp_path, planted):
-    from dvae.cli.report import write_report
+    from dvae.training.sweep_report import write_report
 
     from .test_report import METRICS, make_job
 

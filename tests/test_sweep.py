@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 import dvae.training.config_checks
-from dvae.cli.report import write_report
 from dvae.errors import ConfigError
 from dvae.training.config_checks import check_sweep_extra, validate_sweep
 from dvae.training.run import train
+from dvae.training.sweep_report import write_report
 
 from .conftest import FAST
 

@@ -12,9 +12,9 @@ from PIL import Image
 import dvae.formats.encode as encode_module
 from dvae.cli.decode import main as decode_main
 from dvae.cli.encode import main as encode_main
-from dvae.cli.export import export
 from dvae.data.images import load_image, to_uint8
 from dvae.errors import ConfigError
+from dvae.formats.checkpoint import export
 from dvae.formats.tokens import load_tokens
 from dvae.model import DVAE
 from dvae.training.run import train
