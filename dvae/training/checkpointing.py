@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dvae.errors import TrainingError
+from dvae.files import atomic_write
 
 LAST = "last.ckpt"
 
@@ -28,24 +28,16 @@ class CheckpointWriteError(TrainingError):
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` to a temporary file beside `path`, fsync, then rename over `path`."""
+    """`torch.save` through `atomic_write`; a failed write is one sentence that says the old file is intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise CheckpointWriteError(
-                f"could not write the checkpoint {path} ({error.strerror or error}); the previous checkpoint "
-                "there is intact: free some space or point hydra.run.dir at a writable disk, then resume."
-            ) from error
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda file: torch.save(obj, file))
+    except OSError as error:
+        raise CheckpointWriteError(
+            f"could not write the checkpoint {path} ({error.strerror or error}); the previous checkpoint "
+            "there is intact: free some space or point hydra.run.dir at a writable disk, then resume."
+        ) from error
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
