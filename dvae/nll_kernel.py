@@ -130,8 +130,8 @@ def _compiled_terms(x: Tensor, mu: Tensor, log_scale: Tensor, *args) -> list[Ten
     flat = [t.reshape(-1) if t.dim() else t for t in (x, mu, log_scale)]
     try:
         if _compiled_kernel is None:  # inside the try: an older torch may not know an option
-            # dynamic=None: a kernel for the first element count (about 20% faster than a kernel for any
-            # count, which is compiled the first time another count comes)
+            # dynamic=None: a kernel specialised to the first element count (faster than one for any count);
+            # another count compiles a second kernel
             _compiled_kernel = torch.compile(_fast_terms, dynamic=None, fullgraph=True, options=_COMPILE_OPTIONS)
         nll, *factors = _compiled_kernel(*flat, *args)
     except FailOnRecompileLimitHit:

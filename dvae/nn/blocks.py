@@ -51,8 +51,7 @@ class ResidualBlock(nn.Module):
         # ReLUs and 1x1 convolutions act on each pixel alone, so they commute with nearest upsampling:
         # they run on the small input and the (narrower) result is upsampled. In the decoder that is
         # the identity path and relu_1, conv_1 (1x1) and relu_2 of each group's first block, at a quarter
-        # of the pixels: a small-model training step at 64 px on the CPU went from 121 to 103 GFLOP
-        # and took 0.77-0.82 of the time (two side-by-side runs).
+        # of the pixels (docs/benchmarks.md).
         *head, last = self.res_path
         h, upsampled = x, self.upsample == 1
         for layer in head:
@@ -62,8 +61,7 @@ class ResidualBlock(nn.Module):
         if not upsampled:
             h = self._upsampled(h)
         # post_gain * conv_4(h) as a convolution with scaled weights: one pass over the block's output
-        # fewer, forward and backward (8-12% of a small-model training step on the CPU); exact when
-        # post_gain is a power of two, as it is for 1, 2, 4, 8, ... layers
+        # fewer, forward and backward; exact when post_gain is a power of two (1, 2, 4, 8, ... layers)
         res = F.conv2d(h, last.weight * self.post_gain, last.bias * self.post_gain, last.stride, last.padding)
         return self._upsampled(self.id_path(x)) + res
 

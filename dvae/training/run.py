@@ -128,9 +128,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     trainer = build_trainer(cfg, run_dir, loggers, callbacks)
     start = time.perf_counter()
     status = "failed"
-    # Subnormal floats take a slow path on x86 CPUs: measured 3.1 s instead of 0.11 s per default training
-    # step once they appear; flushing them to zero changes nothing above 1e-38. Process-wide, so it is
-    # switched back off when training ends (callers in the same process get the IEEE default again).
+    # Subnormal floats take a slow path on x86 CPUs (a default step became 28x slower, docs/benchmarks.md);
+    # flushing them to zero changes nothing above 1e-38. Process-wide, so it is switched back off at the end.
     torch.set_flush_denormal(True)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
