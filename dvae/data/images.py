@@ -110,12 +110,15 @@ def open_images(data: str, size: int, channels: int, split: str = "val",
             f"{', '.join(DATA_CONFIGS)}."
         )
     import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from dvae.data.datamodule import build_datamodule
 
-    try:
-        cfg = yaml.safe_load(config_file.read_text()) or {}
-    except yaml.YAMLError as error:
+    try:  # read as Hydra reads the data configs (interpolations included), then as a plain dict
+        loaded = OmegaConf.create(config_file.read_text())
+        cfg = OmegaConf.to_container(loaded, resolve=True) if loaded is not None else {}
+    except (yaml.YAMLError, OmegaConfBaseException) as error:
         raise ConfigError(f"--data {data} is not valid YAML ({str(error).splitlines()[0]}); pass a data config "
                           f"file like dvae/configs/data/folder.yaml.") from error
     if not isinstance(cfg, dict):
