@@ -1,9 +1,16 @@
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # files written by earlier versions
 
 # Tests never talk to the internet or to an account.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -38,3 +45,12 @@ def one_sentence_error(capsys, tool):
     error = capsys.readouterr().err
     assert error.startswith(f"{tool}: error: ") and error.count("\n") == 1 and "Traceback" not in error, error
     return error
+
+
+DVAE_TRAIN = shutil.which("dvae-train", path=str(Path(sys.executable).parent)) or "dvae-train"
+
+
+def run_cli(*args, cwd, timeout=240):
+    """The installed dvae-train command in a subprocess (each one pays the imports: use for what needs it)."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run([DVAE_TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)

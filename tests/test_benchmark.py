@@ -6,12 +6,13 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+from tests.conftest import ROOT
+
+SCRIPT = ROOT / "scripts" / "benchmark.py"
 KEYS = {
     "loss": {"seed_ms", "elementwise_then_mean_ms", "mean_ms", "speedup_elementwise_then_mean", "speedup_mean",
              "first_call_with_compile_s"},

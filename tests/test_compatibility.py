@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-V01 = Path(__file__).parent / "fixtures" / "v0.1"
+from tests.conftest import FIXTURES
+
+V01 = FIXTURES / "v0.1"
 
 
 def pixels(folder: Path) -> dict[str, np.ndarray]:

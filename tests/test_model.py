@@ -7,8 +7,7 @@ from omegaconf import OmegaConf
 from dvae.losses import logit_laplace_nll
 from dvae.model import DEFAULT_LOG_SCALE_FLOOR, DVAE
 from dvae.nn.codebook import GumbelCodebook, gumbel_softmax, perplexity
-
-from .conftest import compose_config
+from tests.conftest import compose_config
 
 TINY = dict(n_hid=16, blocks_per_group=1, groups=3, K=64, n_init=16)
 

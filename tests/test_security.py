@@ -21,8 +21,7 @@ from PIL import Image
 
 from dvae.errors import ConfigError
 from dvae.model import DVAE
-
-from .conftest import one_sentence_error
+from tests.conftest import one_sentence_error
 
 WRITERS = ("zip", "legacy", "plain")
 
@@ -231,8 +230,7 @@ def test_an_official_pickle_in_the_legacy_format_still_imports(tmp_path):
 @pytest.mark.parametrize("planted", ["report.md", "report.png"])
 def test_report_replaces_a_planted_symlink_instead_of_writing_through_it(tmp_path, planted):
     from dvae.training.sweep_report import write_report
-
-    from .test_report import METRICS, make_job
+    from tests.training.test_sweep_report import METRICS, make_job
 
     make_job(tmp_path / "sweep" / "0", ["scale.value=0.1"], METRICS)
     victim = tmp_path / "victim.txt"

@@ -1,17 +1,21 @@
 """Every config option composes and passes validation; every bad input is refused before training
 with one sentence naming the key."""
 
+import math
 from importlib.resources import files
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+import dvae.training.config_checks
 from dvae.errors import ConfigError
 from dvae.training.builders import build_module
-from dvae.training.config_checks import apply_scale_shorthand, validate_config
+from dvae.training.config_checks import RULES, apply_scale_shorthand, validate_config
 from dvae.training.run import train
-
-from .conftest import compose_config
+from tests.conftest import compose_config
 
 CONFIGS = files("dvae.configs")
 
@@ -133,3 +137,64 @@ def test_model_small_brings_its_recipe_and_the_command_line_still_wins():
     # an experiment is applied after the model's recipe: experiment=paper's objective stays the paper's
     paper = compose_config(["experiment=paper", "model=small", "data.root=/data/images"])
     assert (paper.optim.lr, paper.codebook.usage_weight) == (1e-4, 0.0)
+
+
+def test_values_at_the_edges_of_their_ranges_are_accepted():
+    validate_config(compose_config(["ema.decay=0", "kl_weight.end=0", "trainer.val_check_interval=1.0",
+                                    "trainer.devices=auto", "seed=4294967295", "optim.lr_end=0"]))
+
+
+# --- every numeric key, random values: accepted or one sentence naming it (hypothesis) ----------------------
+
+def numeric_keys(node, prefix=""):
+    items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node)
+    for key, value in items:
+        if isinstance(value, (DictConfig, ListConfig)):
+            yield from numeric_keys(value, f"{prefix}{key}.")
+        elif isinstance(OmegaConf.select(node, str(key)), (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{key}"
+
+
+BASES = {"default": [], "scheduled scale": ["scale=linear"],
+         "folder, fixed scale": ["data=folder", "data.root=/images", "scale=constant"]}
+# what a command line can give a key ("${" alone Hydra refuses while parsing, so the text has no "$")
+VALUES = st.one_of(st.integers(-(2**70), 2**70), st.integers(-3, 3), st.floats(allow_nan=True, allow_infinity=True),
+                   st.sampled_from([math.nan, math.inf, -math.inf, 1e300, -0.0, 0.5, "${nowhere}", "???",
+                                    "${trainer.max_steps}", [1, 2], {"a": 1}]),
+                   st.text(st.characters(blacklist_characters="$"), max_size=10), st.booleans(), st.none())
+
+
+def test_the_table_covers_every_numeric_key():
+    keys = {key for overrides in BASES.values() for key in numeric_keys(compose_config(overrides))}
+    assert {key.rsplit(".", 1)[0] if key.startswith("optim.betas.") else key for key in keys} <= RULES.keys()
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_random_values_for_every_numeric_key_are_accepted_or_named(base):
+    cfg = compose_config(BASES[base])
+    keys = sorted(numeric_keys(cfg))
+    assert len(keys) >= 35
+    plain = OmegaConf.to_container(cfg, resolve=False)
+
+    @settings(max_examples=120, deadline=None, derandomize=True)
+    @given(key=st.sampled_from(keys), value=VALUES)
+    def check(key, value):
+        changed = OmegaConf.create(plain)
+        OmegaConf.update(changed, key, value, merge=False)
+        try:
+            validate_config(changed)
+        except ConfigError as error:
+            message = str(error)
+            named = key.rsplit(".", 1)[0] if key.startswith("optim.betas.") else key
+            assert named in message and "\n" not in message and message.endswith((".", "?")), (key, value, message)
+
+    check()
+
+
+def test_adding_a_rule_is_one_line(monkeypatch):
+    """How a new option gets its range: one entry in RULES, checked like the others."""
+    monkeypatch.setitem(RULES, "codebook.dead_after", dvae.training.config_checks.Rule(int, 1))
+    cfg = compose_config()
+    OmegaConf.update(cfg, "codebook.dead_after", 0, force_add=True)
+    with pytest.raises(ConfigError, match=r"codebook\.dead_after=0 must be an integer >= 1\."):
+        validate_config(cfg)

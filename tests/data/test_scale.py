@@ -20,8 +20,7 @@ from dvae.data.samplers import EpochSampler
 from dvae.data.transforms import item_rng, paper_augment
 from dvae.data.webdataset import ShardStream
 from dvae.errors import ConfigError
-
-from .test_data import no_md5_check, write_cifar10  # noqa: F401  (a fixture)
+from tests.data.test_sources import no_md5_check, write_cifar10  # noqa: F401  (a fixture)
 
 
 @pytest.fixture(autouse=True)

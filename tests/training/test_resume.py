@@ -21,9 +21,7 @@ from dvae.errors import ConfigError, TrainingError
 from dvae.training.loggers import build_loggers
 from dvae.training.resume import checkpoint_step
 from dvae.training.run import train
-
-from .conftest import FAST
-from .test_train import DVAE_TRAIN, run_cli
+from tests.conftest import DVAE_TRAIN, FAST, run_cli
 
 # 4 batches per epoch and a checkpoint every 5 updates: checkpoints fall inside epochs.
 STEPS = 24

@@ -28,9 +28,8 @@ from dvae.data.folder import hash_order, split_by_hash, walk_images
 from dvae.data.image_files import UnreadableImage, read_rgb
 from dvae.errors import ConfigError, TrainingError
 from dvae.training.run import train
-
-from .conftest import FAST, compose_config, one_sentence_error
-from .test_data_scale import write_shards
+from tests.conftest import FAST, compose_config, one_sentence_error
+from tests.data.test_scale import write_shards
 
 
 @pytest.fixture(autouse=True)

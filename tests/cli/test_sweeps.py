@@ -15,8 +15,7 @@ from dvae.errors import ConfigError
 from dvae.training.config_checks import check_sweep_extra, validate_sweep
 from dvae.training.run import train
 from dvae.training.sweep_report import write_report
-
-from .conftest import FAST
+from tests.conftest import FAST
 
 DVAE_TRAIN = shutil.which("dvae-train", path=str(Path(sys.executable).parent)) or "dvae-train"
 

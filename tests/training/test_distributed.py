@@ -16,9 +16,7 @@ from dvae.errors import ConfigError
 from dvae.training.config_checks import validate_config
 from dvae.training.module import DVAELightning
 from dvae.training.run import train
-
-from .conftest import FAST
-from .test_train import run_cli
+from tests.conftest import FAST, run_cli
 
 # 16 validation crops: 8 per rank; an odd count (17) checks that no padding sneaks in.
 TWO_PROCESSES = [*FAST, "data.crop_size=16", "data.val_samples=17", "trainer.accelerator=cpu",

@@ -148,8 +148,7 @@ def test_fine_tuning_from_an_imported_model_runs_and_its_loss_is_finite(tmp_path
 
     from dvae.cli.import_openai import main as import_main
     from dvae.training.run import train
-
-    from .conftest import FAST, compose_config
+    from tests.conftest import FAST, compose_config
 
     enc, dec = official_pair()
     torch.save(enc, tmp_path / "encoder.pkl")
@@ -172,8 +171,7 @@ def test_fine_tuning_from_an_imported_model_runs_and_its_loss_is_finite(tmp_path
 def test_init_from_a_missing_directory_is_refused(tmp_path):
     from dvae.errors import ConfigError
     from dvae.training.run import train
-
-    from .conftest import compose_config
+    from tests.conftest import compose_config
 
     with pytest.raises(ConfigError, match="init_from=.*no dvae.json"):
         train(compose_config([f"init_from={tmp_path}"]), run_dir=tmp_path / "run")

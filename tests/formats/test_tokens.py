@@ -18,8 +18,7 @@ from dvae.formats.checkpoint import export
 from dvae.formats.tokens import load_tokens
 from dvae.model import DVAE
 from dvae.training.run import train
-
-from .conftest import FAST, compose_config, one_sentence_error
+from tests.conftest import FAST, compose_config, one_sentence_error
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,7 @@ from dvae.formats.checkpoint import export
 from dvae.model import DVAE
 from dvae.training.module import DVAELightning
 from dvae.training.run import train
-
-from .conftest import FAST, compose_config, one_sentence_error
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import FAST, FIXTURES, ROOT, compose_config, one_sentence_error
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +298,7 @@ def test_whether_the_decoder_predicts_the_scale_is_read_from_the_weights():
 
 
 def test_a_run_that_never_validated_exports_its_last_checkpoint_and_says_so(tmp_path, capsys):
-    run = Path(__file__).parent / "fixtures" / "v0.1" / "run"  # it has checkpoints/last.ckpt only
+    run = FIXTURES / "v0.1" / "run"  # it has checkpoints/last.ckpt only
     assert main([str(run), "--out", str(tmp_path / "export")]) == 0
     assert "has no best.ckpt (the run never validated); exporting" in capsys.readouterr().err
     assert DVAE.from_pretrained(tmp_path / "export").K == 32
