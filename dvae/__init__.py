@@ -7,8 +7,19 @@ import os
 # PyTorch reads the variable once, at the first CPU tensor, hence on import. The user's value wins.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from dvae.formats.openai import load_openai  # noqa: E402
-from dvae.model import DVAE, DVAEConfig  # noqa: E402
 from dvae.version import __version__  # noqa: E402
 
 __all__ = ["DVAE", "DVAEConfig", "load_openai", "__version__"]
+
+
+def __getattr__(name: str):
+    """The public names load on first use: `import dvae.cli.report` need not import torch and the model."""
+    if name in ("DVAE", "DVAEConfig"):
+        from dvae import model
+
+        return getattr(model, name)
+    if name == "load_openai":
+        from dvae.formats.openai import load_openai
+
+        return load_openai
+    raise AttributeError(f"module 'dvae' has no attribute {name!r}")

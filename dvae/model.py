@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -56,10 +57,22 @@ class DVAEConfig:
     hard: bool = False  # straight-through one-hot samples instead of soft ones
 
     def __post_init__(self):
+        # numpy and torch scalars are taken and stored as Python's, so dvae.json always holds plain JSON numbers
         for name in ("channels", "n_hid", "groups", "blocks_per_group", "K", "n_init"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"model.{name}={value!r} must be a positive integer.")
+            object.__setattr__(self, name, int(value))
+        for name, key in (("log_scale_floor", "scale.log_floor"), ("eps", "pixel_eps")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{key}={value!r} must be a number.")
+            object.__setattr__(self, name, float(value))
+        for name in ("learned_scale", "hard"):
+            value = getattr(self, name)
+            if value not in (True, False) or isinstance(value, float):
+                raise ValueError(f"{name}={value!r} must be true or false.")
+            object.__setattr__(self, name, bool(value))
         if self.K < 2:
             raise ValueError(f"model.K={self.K} must be at least 2 codes.")
         if not math.isfinite(self.log_scale_floor):
@@ -110,16 +123,42 @@ class DVAE(nn.Module):
     default `DEFAULT_LOG_SCALE_FLOOR` = -4.382, the logit-space width of one 8-bit step at mid-grey).
     """
 
-    def __init__(self, config: DVAEConfig | None = None, **overrides):
+    def __init__(self, config: DVAEConfig | None = None, /, **overrides):
         """`DVAE(DVAEConfig(...))`, or the config's fields as keywords: `DVAE(K=512, n_hid=32)`."""
         super().__init__()
+        if config is not None and not isinstance(config, DVAEConfig):
+            raise TypeError(f"DVAE takes a DVAEConfig, or the network's fields as keywords (DVAE(K=512, n_hid=32)); "
+                            f"got {type(config).__name__}.")
         c = self.config = DVAEConfig(**overrides) if config is None else replace(config, **overrides)
-        self.channels, self.K, self.eps, self.groups = c.channels, c.K, c.eps, c.groups
-        self.learned_scale, self.log_scale_floor = c.learned_scale, c.log_scale_floor
         self.encoder = Encoder(c.channels, c.n_hid, c.blocks_per_group, c.groups, c.K)
         self.quantizer = GumbelCodebook(c.K, hard=c.hard)
         out = 2 * c.channels if c.learned_scale else c.channels
         self.decoder = Decoder(out, c.n_hid, c.blocks_per_group, c.groups, c.K, c.n_init)
+
+    # Read-only views of the config: the config is what an export writes, so it must be what the network is.
+    @property
+    def channels(self) -> int:
+        return self.config.channels
+
+    @property
+    def K(self) -> int:
+        return self.config.K
+
+    @property
+    def groups(self) -> int:
+        return self.config.groups
+
+    @property
+    def eps(self) -> float:
+        return self.config.eps
+
+    @property
+    def learned_scale(self) -> bool:
+        return self.config.learned_scale
+
+    @property
+    def log_scale_floor(self) -> float:
+        return self.config.log_scale_floor
 
     @property
     def downsampling(self) -> int:

@@ -239,3 +239,23 @@ def test_the_module_refuses_an_argument_that_is_not_a_network_field():
 
     with pytest.raises(TypeError, match="unknown arguments hidden_width"):
         DVAELightning(hidden_width=3)
+
+
+def test_numpy_numbers_become_plain_python_values_in_the_config():
+    import numpy as np
+
+    from dvae import DVAEConfig
+
+    config = DVAEConfig(n_hid=np.int64(8), K=np.int32(16), log_scale_floor=np.float32(-20), eps=0, hard=np.bool_(True))
+    assert (type(config.n_hid), type(config.K), type(config.log_scale_floor), type(config.eps), type(config.hard)) == \
+        (int, int, float, float, bool)
+    with pytest.raises(ValueError, match="pixel_eps='a' must be a number"):
+        DVAEConfig(eps="a")
+
+
+def test_the_network_cannot_drift_from_its_config():
+    model = DVAE(**TINY)
+    with pytest.raises(AttributeError):
+        model.eps = 0.2  # an export writes model.config: the network must be what it says
+    with pytest.raises(TypeError, match="DVAE takes a DVAEConfig"):
+        DVAE(3)

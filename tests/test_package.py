@@ -17,7 +17,8 @@ PACKAGE = ROOT / "dvae"
 # its own export format, so formats.pretrained sits below the model and the other formats above it.
 LAYERS = [
     ("dvae.version", "dvae.errors", "dvae.files", "dvae.nll_kernel", "dvae.losses", "dvae.schedules"),
-    ("dvae.nn", "dvae.data"),
+    ("dvae.nn",),
+    ("dvae.data",),
     ("dvae.formats.pretrained",),
     ("dvae.model",),
     ("dvae.formats",),
@@ -146,3 +147,11 @@ def test_importing_dvae_first_asks_for_huge_pages_for_large_cpu_tensors():
 def test_a_huge_page_setting_the_user_made_is_kept():
     env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0"}
     assert _run_python("import dvae, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])", env).split() == ["0"]
+
+
+def test_a_light_command_does_not_import_torch():
+    """The public names of `dvae` load on first use, so dvae-report (tables and plots) starts without torch."""
+    script = "import sys, dvae.cli.report; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False"]

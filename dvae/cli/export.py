@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        out = export(args.source, args.out, args.format, args.weights, args.checkpoint, args.force)
+        out = export(args.source, args.out, args.format, args.weights, args.checkpoint, args.force,
+                     say=lambda message: print(f"dvae-export: {message}", file=sys.stderr))
         if args.format == "openai":
             print(f"wrote {out / 'encoder.pt'} and {out / 'decoder.pt'} (official dall_e key names)")
             return 0

@@ -27,17 +27,12 @@ from pathlib import Path
 
 from torch import Tensor
 
-from dvae.data.image_files import (
-    IMAGE_EXTENSIONS,
-    UnreadableImage,
-    one_line,
-    read_rgb,
-)
-from dvae.data.transforms import (
-    CroppedImages,
-)
+from dvae.data.image_files import IMAGE_EXTENSIONS, UnreadableImage, one_line, read_rgb
+from dvae.data.transforms import CroppedImages
 from dvae.errors import ConfigError
+from dvae.files import atomic_write
 
+# v2: symlinked folders are listed and non-regular files are not (a v1 index is rebuilt)
 INDEX_HEADER = "# dvae folder index v2"
 
 
@@ -121,11 +116,8 @@ def folder_index(root: Path, rescan: bool = False, index: Path | None = None) ->
     files, seen = walk_images(root)
     try:
         index.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index.with_name(f".{index.name}.{os.getpid()}.tmp")
-        with tmp.open("w", encoding="utf-8") as file:
-            file.write(f"{stamp} seen={seen}\n")
-            file.writelines(f"{path.relative_to(root).as_posix()}\n" for path in files)
-        os.replace(tmp, index)
+        lines = [f"{stamp} seen={seen}\n", *(f"{path.relative_to(root).as_posix()}\n" for path in files)]
+        atomic_write(index, lambda file: file.write("".join(lines).encode("utf-8")))
     except OSError as error:  # a read-only home: work without the cache
         warnings.warn(f"could not write the folder index {index} ({error}); the folder is walked at every start",
                       stacklevel=2)

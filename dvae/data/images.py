@@ -117,10 +117,14 @@ def open_images(data: str, size: int, channels: int, split: str = "val",
 
     try:  # read as Hydra reads the data configs (interpolations included), then as a plain dict
         loaded = OmegaConf.create(config_file.read_text())
-        cfg = OmegaConf.to_container(loaded, resolve=True) if loaded is not None else {}
     except (yaml.YAMLError, OmegaConfBaseException) as error:
         raise ConfigError(f"--data {data} is not valid YAML ({str(error).splitlines()[0]}); pass a data config "
                           f"file like dvae/configs/data/folder.yaml.") from error
+    try:
+        cfg = OmegaConf.to_container(loaded, resolve=True)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"--data {data}: {str(error).splitlines()[0]}; a data config file for dvae-encode must "
+                          f"stand alone (its ${{...}} may name only its own keys).") from error
     if not isinstance(cfg, dict):
         raise ConfigError(f"--data {data} does not hold a data config (a mapping of data.* keys); pass a file "
                           f"like dvae/configs/data/folder.yaml, or a folder of images.")

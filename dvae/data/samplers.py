@@ -7,9 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from dvae.data.transforms import (
-    stable_seed,
-)
+from dvae.data.transforms import stable_seed
 from dvae.errors import ConfigError
 
 

@@ -13,20 +13,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dvae.data.folder import BadFiles
-from dvae.data.image_files import (
-    UnreadableImage,
-    one_line,
-    open_image,
-    rgb_array,
-)
-from dvae.data.transforms import (
-    center_crop,
-    grow_to_fit,
-    paper_augment,
-    random_crop,
-    stable_seed,
-    to_unit_float,
-)
+from dvae.data.image_files import UnreadableImage, one_line, open_image, rgb_array
+from dvae.data.transforms import center_crop, grow_to_fit, paper_augment, random_crop, stable_seed, to_unit_float
 from dvae.errors import ConfigError
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")

@@ -3,14 +3,14 @@ imported), and written out as an export directory or as the official key names."
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dvae.errors import ConfigError
-from dvae.files import load_weights
+from dvae.files import atomic_write, load_weights
 from dvae.formats.pretrained import FORMATS, check_out_dir, file_sha256, save_pretrained
 from dvae.model import DVAE, DVAEConfig
 from dvae.schedules import SEED_SCALE, Schedule
@@ -19,10 +19,10 @@ WEIGHTS = {"ema": "ema.module.", "raw": "model."}
 CHECKPOINTS = ("best", "last")
 
 
-def resolve_checkpoint(source: str | Path, which: str | None = None) -> Path:
+def resolve_checkpoint(source: str | Path, which: str | None = None, say: Callable[[str], Any] = print) -> Path:
     """A .ckpt file as given, or `checkpoints/{which}.ckpt` of a run directory (or of the checkpoints
     directory itself). best.ckpt is the best by validation PSNR, last.ckpt the latest. Without `which`,
-    best.ckpt, or last.ckpt (said on stderr) for a run that never validated."""
+    best.ckpt, or last.ckpt for a run that never validated, which `say` is told."""
     if which is not None and which not in CHECKPOINTS:
         raise ConfigError(f"--checkpoint {which} is not known; use best or last.")
     path = Path(source).expanduser()
@@ -34,8 +34,7 @@ def resolve_checkpoint(source: str | Path, which: str | None = None) -> Path:
         for candidate in (path / "checkpoints" / f"{name}.ckpt", path / f"{name}.ckpt"):
             if candidate.is_file():
                 if name != "best" and which is None:
-                    print(f"dvae-export: {path} has no best.ckpt (the run never validated); exporting "
-                          f"{candidate}, the latest.", file=sys.stderr)
+                    say(f"{path} has no best.ckpt (the run never validated); exporting {candidate}, the latest.")
                 return candidate
     found = sorted(p.name for p in (path / "checkpoints").glob("*.ckpt")) + sorted(p.name for p in path.glob("*.ckpt"))
     hint = f" (it has {', '.join(found)}; pick one with --checkpoint or pass the file)" if found else ""
@@ -114,17 +113,17 @@ def scale_at(hp: dict[str, Any], step: int) -> float | None:
 
 
 def export(source: str | Path, out: str | Path, format: str = "safetensors", weights: str = "ema",
-           checkpoint: str | None = None, force: bool = False) -> Path:
+           checkpoint: str | None = None, force: bool = False, say: Callable[[str], Any] = print) -> Path:
     """Export a run directory's (or a .ckpt file's) model into `out`; returns `out`.
     `format="openai"` writes `encoder.pt` and `decoder.pt` instead: state dicts with the official
     key names, for `dall_e.Encoder` / `dall_e.Decoder`."""
     if format == "openai":
-        return export_openai(source, out, weights, checkpoint, force)
+        return export_openai(source, out, weights, checkpoint, force, say)
     if format not in FORMATS:
         raise ConfigError(f"--format {format} is not known; use one of {', '.join(FORMATS)}.")
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights {weights} is not known; use ema or raw.")
-    path = resolve_checkpoint(source, checkpoint)
+    path = resolve_checkpoint(source, checkpoint, say)
     out = Path(out)
     check_out_dir(out, force)  # before reading anything large
     ckpt = read_checkpoint(path)
@@ -148,11 +147,10 @@ def export(source: str | Path, out: str | Path, format: str = "safetensors", wei
 
 
 def export_openai(source: str | Path, out: str | Path, weights: str = "ema", checkpoint: str | None = None,
-                  force: bool = False) -> Path:
+                  force: bool = False, say: Callable[[str], Any] = print) -> Path:
     from dvae.formats.openai import to_official
-    from dvae.formats.pretrained import atomic_write
 
-    path = resolve_checkpoint(source, checkpoint)
+    path = resolve_checkpoint(source, checkpoint, say)
     out = Path(out)
     check_out_dir(out, force)
     model = model_from_checkpoint(read_checkpoint(path), weights, path)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dvae.errors import ConfigError
-from dvae.formats.pretrained import atomic_write
+from dvae.files import atomic_write
 
 SHARD_NAME = "shard_{:05d}.npy"
 INDEX_FILE = "index.jsonl"

@@ -7,6 +7,7 @@ import importlib.util
 import math
 import re
 import sys
+from dataclasses import fields
 from importlib import resources
 from typing import Any
 
@@ -195,9 +196,27 @@ def check_rules(cfg: DictConfig, rules: dict[str, Any] = RULES) -> None:
         raise ConfigError(f"{key}={shown} must be {rule.need}{hint}.")
 
 
+# DVAEConfig fields that the config sets outside `model:`, because the data or the objective decides them
+MODEL_FIELDS_SET_ELSEWHERE = {"channels": "data.channels", "eps": "pixel_eps", "log_scale_floor": "scale.log_floor",
+                              "learned_scale": "scale (scale=learned, or a fixed or scheduled scale)"}
+
+
+def check_model_keys(cfg: DictConfig) -> None:
+    """Every `model.*` key is a DVAEConfig field: the whole section goes to the network as it is."""
+    from dvae.model import DVAEConfig
+
+    allowed = sorted({f.name for f in fields(DVAEConfig)} - MODEL_FIELDS_SET_ELSEWHERE.keys())
+    for key in cfg.model:
+        if key in MODEL_FIELDS_SET_ELSEWHERE:
+            raise ConfigError(f"model.{key} is set by {MODEL_FIELDS_SET_ELSEWHERE[key]}; use that key instead.")
+        if key not in allowed:
+            raise ConfigError(f"model.{key} is not an option of the network; the model keys are {', '.join(allowed)}.")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Refuse a run that cannot work, with one sentence naming the key, before any training."""
     check_rules(cfg)
+    check_model_keys(cfg)
     threads = cfg.get("threads", "auto")
     if threads != "auto" and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads={threads!r} must be auto (a share of the cores among the dvae training processes "
@@ -251,9 +270,11 @@ def validate_config(cfg: DictConfig) -> None:
             f"(trainer.devices x trainer.num_nodes); use data.batch_size={max(world, round(batch / world) * world)}."
         )
     max_time = cfg.trainer.get("max_time")
-    if max_time is not None and not re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", str(max_time)):
-        raise ConfigError(f"trainer.max_time={max_time!r} must be DD:HH:MM:SS, e.g. trainer.max_time=00:01:30:00 "
-                          "for an hour and a half.")
+    as_mapping = isinstance(max_time, DictConfig) and set(max_time) <= {"days", "hours", "minutes", "seconds"} and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in max_time.values())
+    if max_time is not None and not as_mapping and not re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", str(max_time)):
+        raise ConfigError(f"trainer.max_time={max_time!r} must be DD:HH:MM:SS (e.g. trainer.max_time=00:01:30:00 for "
+                          "an hour and a half) or a mapping of days, hours, minutes and seconds.")
     metric = cfg.get("optimized_metric", "psnr")
     if metric not in OPTIMIZABLE:
         raise ConfigError(f"optimized_metric={metric} is not known; use one of {', '.join(OPTIMIZABLE)}.")

@@ -9,6 +9,7 @@ wandb continues the same run: its id is kept in the run directory.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import uuid
 from pathlib import Path
@@ -18,6 +19,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+
+from dvae.files import atomic_write
 
 
 def rank_zero() -> bool:
@@ -52,12 +55,11 @@ def drop_rows_after(metrics_csv: Path, step: int) -> None:
         reader = csv.DictReader(file)
         rows = [row for row in reader if not row.get("step") or int(float(row["step"])) <= step]
         header = list(reader.fieldnames or [])
-    tmp = metrics_csv.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, metrics_csv)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=header)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(metrics_csv, lambda file: file.write(text.getvalue().encode("utf-8")))
 
 
 def wandb_online() -> bool:

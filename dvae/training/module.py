@@ -85,7 +85,8 @@ class DVAELightning(L.LightningModule):
         compile_loss: bool = False, compile_model: bool = False,
         # channels-last (NHWC) activations and weights: oneDNN's fast convolution layout on CPUs and GPUs
         channels_last: bool = False,
-        # the network: DVAEConfig's fields by name (flat, so checkpoints keep them as plain hyper-parameters)
+        # the network: DVAEConfig's fields by name, its defaults (the paper's) for those not given; flat, so
+        # checkpoints keep them as plain hyper-parameters
         **network,
     ):
         super().__init__()
@@ -93,6 +94,9 @@ class DVAELightning(L.LightningModule):
             raise ValueError(f"loss={loss!r} is not known; use one of {', '.join(LOSSES)}.")
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"scale mode {scale_mode!r} is not known; use one of {', '.join(SCALE_MODES)}.")
+        set_by_the_objective = {"eps": "pixel_eps", "learned_scale": "scale_mode"}
+        for name in sorted(set(network) & set_by_the_objective.keys()):
+            raise TypeError(f"DVAELightning takes the network's {name} through {set_by_the_objective[name]}.")
         unknown = sorted(set(network) - {f.name for f in fields(DVAEConfig)})
         if unknown:
             raise TypeError(f"DVAELightning got unknown arguments {', '.join(unknown)} (the network's: DVAEConfig).")

@@ -16,8 +16,6 @@ from dvae.errors import ConfigError
 from dvae.files import atomic_write
 
 # metrics.json key -> column title, number format
-
-# metrics.json key -> column title, number format
 COLUMNS = {
     "psnr": ("PSNR", "{:.2f}"),
     "psnr_mean_color": ("mean-colour PSNR", "{:.2f}"),

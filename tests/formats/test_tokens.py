@@ -260,6 +260,8 @@ def no_weights_read(monkeypatch):
     ("model_is_a_txt_file", "is a file, not a directory"),
     ("data_is_a_txt_file", "is neither a folder of images nor a data config"),
     ("data_yaml_is_not_a_mapping", "does not hold a data config"),
+    ("data_yaml_is_not_yaml", "is not valid YAML"),
+    ("data_yaml_names_a_key_it_lacks", "a data config file for dvae-encode must stand alone"),
     ("out_is_a_file", "is a file, not a directory"),
     ("out_holds_tokens_of_another_K", "made with a different model"),
 ])
@@ -279,6 +281,12 @@ def test_dvae_encode_refuses_wrong_inputs_before_reading_weights(case, message, 
     elif case == "data_yaml_is_not_a_mapping":
         data = tmp_path / "data.yaml"
         data.write_text("- just\n- a list\n")
+    elif case == "data_yaml_is_not_yaml":
+        data = tmp_path / "data.yaml"
+        data.write_text("name: [unclosed\n")
+    elif case == "data_yaml_names_a_key_it_lacks":
+        data = tmp_path / "data.yaml"
+        data.write_text("name: shapes\nval_samples: ${trainer.max_steps}\n")
     elif case == "out_is_a_file":
         out = notes
     else:

@@ -198,3 +198,26 @@ def test_adding_a_rule_is_one_line(monkeypatch):
     OmegaConf.update(cfg, "codebook.dead_after", 0, force_add=True)
     with pytest.raises(ConfigError, match=r"codebook\.dead_after=0 must be an integer >= 1\."):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("+model.foo=1", "model.foo is not an option of the network; the model keys are K, blocks_per_group, groups"),
+    ("+model.channels=1", "model.channels is set by data.channels; use that key instead."),
+    ("+model.eps=0.2", "model.eps is set by pixel_eps"),
+])
+def test_a_model_key_that_is_not_a_network_field_is_named(override, words):
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
+        validate_config(compose_config([override]))
+
+
+@pytest.mark.parametrize("override, accepted", [
+    ("trainer.max_time=00:01:30:00", True), ("trainer.max_time={hours:1,minutes:30}", True),
+    ("trainer.max_time=90", False), ("trainer.max_time={hours:-1}", False), ("trainer.max_time={weeks:1}", False),
+])
+def test_trainer_max_time_takes_lightnings_two_forms(override, accepted):
+    cfg = compose_config([override])
+    if accepted:
+        validate_config(cfg)
+    else:
+        with pytest.raises(ConfigError, match="trainer.max_time=.* must be DD:HH:MM:SS"):
+            validate_config(cfg)
