@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dvae.errors import ConfigError
-from dvae.formats.pretrained import CONFIG_FILE, load_state, read_config, save_pretrained
 from dvae.losses import map_pixels, reconstruct
 from dvae.nn.codebook import GumbelCodebook
 from dvae.nn.decoder import Decoder
 from dvae.nn.encoder import Encoder
+from dvae.pretrained import CONFIG_FILE, load_state, read_config, save_pretrained
 
 # ln b is kept above the logit-space width of one 8-bit step at mid-grey,
 # ln((1 - 2 eps) / 256 / (0.5 * 0.5)) with eps = 0.1: without a floor the density on pixels the

@@ -14,18 +14,19 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / "dvae"
 
 # Lower layers first; a module may import its own layer and those before it. The model reads and writes
-# its own export format, so formats.pretrained sits below the model and the other formats above it.
+# its own export format (pretrained); the other formats use the model.
 LAYERS = [
     ("dvae.version", "dvae.errors", "dvae.files", "dvae.nll_kernel", "dvae.losses", "dvae.schedules"),
     ("dvae.nn",),
     ("dvae.data",),
-    ("dvae.formats.pretrained",),
+    ("dvae.pretrained",),
     ("dvae.model",),
     ("dvae.formats",),
     ("dvae.training",),
     ("dvae.cli",),
 ]
-TORCH_ONLY = ("dvae", "dvae.model", "dvae.losses", "dvae.nll_kernel", "dvae.schedules", "dvae.nn", "dvae.formats")
+TORCH_ONLY = ("dvae", "dvae.model", "dvae.pretrained", "dvae.losses", "dvae.nll_kernel", "dvae.schedules", "dvae.nn",
+              "dvae.formats")
 
 
 def module_name(path: Path) -> str:

@@ -15,7 +15,7 @@ import time
 
 from dvae.errors import ConfigError, os_error_sentence
 from dvae.formats.checkpoint import CHECKPOINTS, WEIGHTS, export
-from dvae.formats.pretrained import FORMATS
+from dvae.pretrained import FORMATS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "openai":
             print(f"wrote {out / 'encoder.pt'} and {out / 'decoder.pt'} (official dall_e key names)")
             return 0
-        from dvae.formats.pretrained import read_config
+        from dvae.pretrained import read_config
 
         config = read_config(out)
     except ConfigError as error:

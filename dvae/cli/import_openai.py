@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dvae.errors import ConfigError, os_error_sentence
 from dvae.formats.openai import load_openai
-from dvae.formats.pretrained import check_out_dir, file_sha256
+from dvae.pretrained import check_out_dir, file_sha256
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,1 +1,2 @@
-"""Files dvae writes and reads: the export directory, token sets and the official DALL·E weights (torch only)."""
+"""Files made with a model: token sets (encode, decode), a training checkpoint -> an export, the official DALL·E
+weights. Torch only."""

@@ -11,8 +11,8 @@ import torch
 
 from dvae.errors import ConfigError
 from dvae.files import atomic_write, load_weights
-from dvae.formats.pretrained import FORMATS, check_out_dir, file_sha256, save_pretrained
 from dvae.model import DVAE, DVAEConfig
+from dvae.pretrained import FORMATS, check_out_dir, file_sha256, save_pretrained
 from dvae.schedules import SEED_SCALE, Schedule
 
 WEIGHTS = {"ema": "ema.module.", "raw": "model."}

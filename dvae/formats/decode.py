@@ -15,7 +15,6 @@ from torch import Tensor
 from dvae.data.images import load_image, open_images, save_png, to_uint8
 from dvae.errors import ConfigError
 from dvae.formats.devices import check_decode_memory, progress_bar, resolve_device
-from dvae.formats.pretrained import check_out_dir, read_config
 from dvae.formats.tokens import (
     META_FILE,
     check_token_grids,
@@ -26,6 +25,7 @@ from dvae.formats.tokens import (
     tokens_meta,
 )
 from dvae.model import DVAE
+from dvae.pretrained import check_out_dir, read_config
 
 CONTACT_SHEET = "contact_sheet.png"
 

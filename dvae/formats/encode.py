@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, Subset
 from dvae.data.images import open_images
 from dvae.errors import ConfigError
 from dvae.formats.devices import check_encode_memory, progress_bar, resolve_device
-from dvae.formats.pretrained import check_out_dir, fingerprint, read_config, write_json
 from dvae.formats.tokens import META_FILE, clear_tokens, completed, token_dtype, write_shard
 from dvae.model import DVAE
+from dvae.pretrained import check_out_dir, fingerprint, read_config, write_json
 
 
 def image_size_for(config: dict[str, Any], size: int | None, model_dir: Path) -> int:

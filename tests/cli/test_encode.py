@@ -7,7 +7,7 @@ import pytest
 import dvae.data.images as images_module
 import dvae.formats.devices as devices_module
 import dvae.formats.encode as encode_module
-import dvae.formats.pretrained as pretrained_module
+import dvae.pretrained as pretrained_module
 from tests.cli.conftest import bad_dvae_json, decode, encode, read_only_write, snapshot
 from tests.conftest import one_sentence_error
 

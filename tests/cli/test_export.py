@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import dvae.formats.pretrained as pretrained_module
+import dvae.pretrained as pretrained_module
 from dvae.cli.export import main as export_main
 from dvae.model import DVAE
 from tests.cli.conftest import TINY, edit_json, read_only_write, snapshot

@@ -5,7 +5,7 @@ before the expensive work, and leaves every file the user had as it was."""
 import pytest
 import torch
 
-import dvae.formats.pretrained as pretrained_module
+import dvae.pretrained as pretrained_module
 from dvae.cli.import_openai import main as import_main
 from dvae.formats.openai import to_official
 from dvae.model import DVAE

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,9 +25,6 @@ from torch import Tensor
 from dvae.errors import ConfigError
 from dvae.files import atomic_write, load_weights
 from dvae.version import __version__
-
-if TYPE_CHECKING:  # the model imports this module to read and write its exports
-    from dvae.model import DVAE
 
 FORMAT_NAME = "dvae"
 FORMAT_VERSION = 1
@@ -87,9 +84,9 @@ def _write_tensors(path: Path, fmt: str, tensors: dict[str, Tensor]) -> None:
         atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
-def save_pretrained(model: DVAE, out: str | Path, format: str = "safetensors", force: bool = False,
+def save_pretrained(model: torch.nn.Module, out: str | Path, format: str = "safetensors", force: bool = False,
                     metadata: dict[str, Any] | None = None) -> Path:
-    """Write `model` as an export directory; `metadata` (training step, source checkpoint, ...) is
+    """Write `model` (a DVAE) as an export directory; `metadata` (training step, source checkpoint, ...) is
     merged into dvae.json. Returns dvae.json's path."""
     if format not in FORMATS:
         raise ConfigError(f"format {format!r} is not known; use one of {', '.join(FORMATS)}.")
