@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dvae.errors import ConfigError, os_error_sentence
+from dvae.cli.exits import run_tool
+from dvae.errors import os_error_sentence
 from dvae.formats.decode import decode_tokens
 
 
@@ -37,17 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        decode_tokens(args.model, args.tokens, args.out, grid=args.grid, limit=args.limit,
-                      batch_size=args.batch_size, nrow=args.nrow, originals=args.originals,
-                      device=args.device, force=args.force, progress=not args.no_progress)
-    except ConfigError as error:
-        print(f"dvae-decode: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # a file that could not be read, or an --out that could not be written
-        print(f"dvae-decode: error: {os_error_sentence(error)}; fix that and run the command again.", file=sys.stderr)
-        return 2
-    return 0
+
+    def work() -> None:
+        decode_tokens(args.model, args.tokens, args.out, grid=args.grid, limit=args.limit, batch_size=args.batch_size,
+                      nrow=args.nrow, originals=args.originals, device=args.device, force=args.force,
+                      progress=not args.no_progress)
+
+    return run_tool("dvae-decode", work,
+                    lambda error: f"{os_error_sentence(error)}; fix that and run the command again.")
 
 
 def cli() -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dvae.cli.exits import run_tool
 from dvae.data.images import DATA_CONFIGS
-from dvae.errors import ConfigError, os_error_sentence
+from dvae.errors import os_error_sentence
 from dvae.formats.encode import encode_dataset
 
 
@@ -42,24 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        encode_dataset(args.model, args.data, args.out, size=args.size, split=args.split,
-                       batch_size=args.batch_size, shard_size=args.shard_size, device=args.device,
-                       workers=args.workers, force=args.force, data_options=args.data_option,
-                       progress=not args.no_progress)
-    except ConfigError as error:
-        print(f"dvae-encode: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # an unreadable image (our message names it), or a file --out could not take
+
+    def work() -> int | None:
+        try:
+            encode_dataset(args.model, args.data, args.out, size=args.size, split=args.split,
+                           batch_size=args.batch_size, shard_size=args.shard_size, device=args.device,
+                           workers=args.workers, force=args.force, data_options=args.data_option,
+                           progress=not args.no_progress)
+        except KeyboardInterrupt:
+            print("dvae-encode: interrupted; run the same command again to continue", file=sys.stderr)
+            return 130
+        return None
+
+    def file_problem(error: OSError) -> str:  # an unreadable image (our message names it), or a file --out refused
         hint = ("replace it with a readable image, then run the same command to continue (or remove it and add "
                 "--force to start over)") if error.filename is None else \
             "fix that, then run the same command to continue"
-        print(f"dvae-encode: error: {os_error_sentence(error)}; {hint}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dvae-encode: interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
-    return 0
+        return f"{os_error_sentence(error)}; {hint}"
+
+    return run_tool("dvae-encode", work, file_problem)
 
 
 def cli() -> None:

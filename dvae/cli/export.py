@@ -13,9 +13,10 @@ import argparse
 import sys
 import time
 
-from dvae.errors import ConfigError, os_error_sentence
+from dvae.cli.exits import run_tool
+from dvae.errors import os_error_sentence
 from dvae.formats.checkpoint import CHECKPOINTS, WEIGHTS, export
-from dvae.pretrained import FORMATS
+from dvae.pretrained import FORMATS, read_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,29 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    try:
+
+    def work() -> None:
         out = export(args.source, args.out, args.format, args.weights, args.checkpoint, args.force,
                      say=lambda message: print(f"dvae-export: {message}", file=sys.stderr))
         if args.format == "openai":
             print(f"wrote {out / 'encoder.pt'} and {out / 'decoder.pt'} (official dall_e key names)")
-            return 0
-        from dvae.pretrained import read_config
-
+            return
         config = read_config(out)
-    except ConfigError as error:
-        print(f"dvae-export: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # permissions, a file where a folder of the path should be, a full disk
-        print(f"dvae-export: error: could not write --out {args.out} ({os_error_sentence(error)}); choose a "
-              f"directory you can write to.", file=sys.stderr)
-        return 2
-    source = config["source"]
-    files = ", ".join(f"{name} ({(out / name).stat().st_size / 1e6:.2f} MB)" for name in config["files"].values())
-    print(f"exported {source['checkpoint']} (step {config['training']['step']}, {args.weights} weights, "
-          f"sha256 {source['sha256'][:12]}) to {out} in {time.perf_counter() - start:.1f} s")
-    print(f"  codebook [K, D] = [{config['K']}, {config['D']}], {config['downsampling']}x{config['downsampling']} "
-          f"pixels per token; files: dvae.json, {files}")
-    return 0
+        source = config["source"]
+        files = ", ".join(f"{name} ({(out / name).stat().st_size / 1e6:.2f} MB)" for name in config["files"].values())
+        print(f"exported {source['checkpoint']} (step {config['training']['step']}, {args.weights} weights, "
+              f"sha256 {source['sha256'][:12]}) to {out} in {time.perf_counter() - start:.1f} s")
+        print(f"  codebook [K, D] = [{config['K']}, {config['D']}], {config['downsampling']}x{config['downsampling']} "
+              f"pixels per token; files: dvae.json, {files}")
+
+    # permissions, a file where a folder of the path should be, a full disk
+    return run_tool("dvae-export", work, lambda error: (
+        f"could not write --out {args.out} ({os_error_sentence(error)}); choose a directory you can write to."))
 
 
 def cli() -> None:

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dvae.cli.exits import run_tool
 from dvae.errors import ConfigError, os_error_sentence
 from dvae.formats.openai import load_openai
 from dvae.pretrained import check_out_dir, file_sha256
@@ -27,23 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="safetensors", choices=("safetensors", "npy", "pt"))
     parser.add_argument("--force", action="store_true", help="replace an existing export in --out")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> None:
         check_out_dir(Path(args.out), args.force)  # before the (large) official files are read
         model = load_openai(args.encoder, args.decoder)
         model.save_pretrained(args.out, format=args.format, force=args.force, metadata={
             "source": "openai", "encoder_sha256": file_sha256(args.encoder),
             "decoder_sha256": file_sha256(args.decoder)})
-    except (ValueError, FileNotFoundError, ConfigError) as error:
-        print(f"dvae-import-openai: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # a file that could not be read, or --out not written after all (a full disk)
-        print(f"dvae-import-openai: error: {os_error_sentence(error)}; fix that (or choose another --out) and run "
-              f"the command again.", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: K={model.K}, downsampling {model.downsampling}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
-          f"fine-tune with: dvae-train init_from={args.out} ...")
-    return 0
+        print(f"wrote {args.out}: K={model.K}, downsampling {model.downsampling}, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
+              f"fine-tune with: dvae-train init_from={args.out} ...")
+
+    # FileNotFoundError before the OSError sentence: load_openai names the missing file and what to pass
+    return run_tool("dvae-import-openai", work,
+                    lambda error: f"{os_error_sentence(error)}; fix that (or choose another --out) and run the command "
+                                  f"again.", refused=(ValueError, FileNotFoundError, ConfigError))
 
 
 def cli() -> None:

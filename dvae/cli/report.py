@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dvae.errors import ConfigError, os_error_sentence
+from dvae.cli.exits import run_tool
+from dvae.errors import os_error_sentence
 from dvae.training.sweep_report import write_report
 
 
@@ -27,18 +28,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("directory", metavar="DIR", help="multirun/DATE/TIME (a sweep) or outputs/DATE/TIME")
     parser.add_argument("--no-plot", action="store_true", help="write report.md only")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> None:
         text = write_report(args.directory, make_plot=not args.no_plot)
-    except ConfigError as error:
-        print(f"dvae-report: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as error:
-        print(f"dvae-report: error: could not write the report in {args.directory} ({os_error_sentence(error)}); "
-              f"make the directory writable, or copy it somewhere writable and report there.", file=sys.stderr)
-        sys.exit(2)
-    print(text, end="")
-    written = "report.md" if args.no_plot else "report.md and report.png"
-    print(f"\nwrote {written} in {args.directory}")
+        print(text, end="")
+        print(f"\nwrote {'report.md' if args.no_plot else 'report.md and report.png'} in {args.directory}")
+
+    status = run_tool("dvae-report", work, lambda error: (
+        f"could not write the report in {args.directory} ({os_error_sentence(error)}); make the directory writable, "
+        f"or copy it somewhere writable and report there."))
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from dvae.cli.exits import refuse
 from dvae.errors import ConfigError, TrainingError
 from dvae.training.config_checks import check_sweep_extra, validate_sweep
 from dvae.training.hydra_run import hydra_config, in_multirun
@@ -56,8 +57,7 @@ class RunDirCheck(Callback):
 
 
 def exit_with(error: ConfigError) -> None:
-    print(f"dvae-train: error: {error}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(refuse("dvae-train", str(error)))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://dvae.configs", config_name="train")
