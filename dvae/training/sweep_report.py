@@ -21,14 +21,15 @@ COLUMNS = {
     "psnr_mean_color": ("mean-colour PSNR", "{:.2f}"),
     "gain": ("gain dB", "{:+.2f}"),
     "psnr_edges": ("edge PSNR", "{:.2f}"),
+    "ssim": ("SSIM", "{:.3f}"),
     "bits_per_dim": ("bits/dim", "{:.3f}"),
     "perplexity": ("perplexity", "{:.1f}"),
     "codes_used_fraction": ("codes used", "{:.3f}"),
     "steps": ("steps", "{:d}"),
     "wall_seconds": ("wall s", "{:.1f}"),
 }
-PLOTTED = ("psnr", "psnr_mean_color", "psnr_edges", "bits_per_dim", "perplexity", "codes_used_fraction")
-AVERAGED = ("psnr", "psnr_edges", "psnr_mean_color", "bits_per_dim", "perplexity", "codes_used_fraction")
+PLOTTED = ("psnr", "psnr_mean_color", "psnr_edges", "ssim", "bits_per_dim", "perplexity", "codes_used_fraction")
+AVERAGED = ("psnr", "psnr_edges", "psnr_mean_color", "ssim", "bits_per_dim", "perplexity", "codes_used_fraction")
 # the recipe check (experiment=recipe_check): min and median over seeds of what decides whether a run is usable
 SEED_SUMMARY = ("gain", "psnr", "codes_used_fraction", "perplexity", "wall_seconds")
 JOB_FILES = ("metrics.json", "config.yaml", "status.json", "error.txt", ".hydra/overrides.yaml")
@@ -219,8 +220,10 @@ def _x_key(keys: list[str], jobs: list[Job]) -> str | None:
     return (scales or numeric or candidates or [None])[0]
 
 
-def plot(path: Path, jobs: list[Job], title: str = "") -> None:
-    """Each metric against the swept key (log axis for a scale); one series per other key."""
+def plot(path: Path, jobs: list[Job], title: str = ""):
+    """Each metric against the swept key (log axis for a scale, whole numbers for an integer key); one series
+    per other key. A sweep over seeds alone has no axis: seeds are repeats, so each metric is shown as its
+    distribution (every seed a point, the mean with one standard deviation). Returns the closed figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,8 +232,14 @@ def plot(path: Path, jobs: list[Job], title: str = "") -> None:
     finished = [j for j in jobs if j.status == "finished"]
     keys = swept_keys(jobs)
     x_key = _x_key(keys, jobs)
+    if x_key == "seed":
+        fig = _plot_seed_distributions(plt, finished, title)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+        plt.close(fig)
+        return fig
     others = [k for k in keys if k not in (x_key, "seed")]
     numeric = x_key is not None and all(_number(j.overrides.get(x_key)) is not None for j in finished)
+    whole = numeric and all(float(_number(j.overrides.get(x_key))).is_integer() for j in finished)
     categories = sorted({j.overrides.get(x_key, "") for j in finished}) if x_key and not numeric else []
     if x_key is None:
         positions = {j.name: i for i, j in enumerate(finished)}
@@ -244,7 +253,7 @@ def plot(path: Path, jobs: list[Job], title: str = "") -> None:
     series: dict[str, list[Job]] = {}
     for job in finished:
         series.setdefault(" ".join(f"{k}={job.overrides.get(k, '')}" for k in others), []).append(job)
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7), squeeze=False)
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7), squeeze=False)
     for ax, metric in zip(axes.flat, PLOTTED):
         for label, members in series.items():
             points = [(x_of(j), _number(j.metrics.get(metric))) for j in members]
@@ -259,6 +268,9 @@ def plot(path: Path, jobs: list[Job], title: str = "") -> None:
         ax.set_xlabel(x_key or "job")
         if numeric and x_key and "scale" in x_key and all(_number(j.overrides.get(x_key)) > 0 for j in finished):
             ax.set_xscale("log")
+        elif whole:  # an integer key gets its own values as ticks, not 1.5, 2.5, ...
+            values = sorted({_number(j.overrides.get(x_key)) for j in finished})
+            ax.set_xticks(values, [f"{v:g}" for v in values])
         if categories:
             ax.set_xticks(range(len(categories)), categories)
         elif x_key is None:
@@ -266,6 +278,8 @@ def plot(path: Path, jobs: list[Job], title: str = "") -> None:
         ax.grid(alpha=0.3)
         if numeric or categories or x_key is None:
             ax.ticklabel_format(axis="y", useOffset=False)
+    for ax in axes.flat[len(PLOTTED):]:
+        ax.set_visible(False)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if labels:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize="small")
@@ -274,6 +288,35 @@ def plot(path: Path, jobs: list[Job], title: str = "") -> None:
     fig.tight_layout(rect=(0, 0.06 if labels else 0, 1, 1))
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
+    return fig
+
+
+def _plot_seed_distributions(plt, finished: list[Job], title: str):
+    """One panel per metric: each seed a point (spread sideways so equal values stay visible), the mean as a
+    bar with one standard deviation."""
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7), squeeze=False)
+    for ax, metric in zip(axes.flat, PLOTTED):
+        values = [(j.overrides.get("seed", j.name), _number(j.metrics.get(metric))) for j in finished]
+        values = [(seed, y) for seed, y in values if y is not None]
+        ax.set_title(COLUMNS[metric][0])
+        if values:
+            ys = [y for _, y in values]
+            offsets = [0.15 * ((i % 5) - 2) / 2 for i in range(len(ys))]
+            ax.scatter(offsets, ys, s=24, alpha=0.8, zorder=3)
+            for x, (seed, y) in zip(offsets, values):
+                ax.annotate(str(seed), (x, y), textcoords="offset points", xytext=(5, 0), fontsize="x-small")
+            spread = statistics.stdev(ys) if len(ys) > 1 else 0.0
+            ax.errorbar([0.45], [statistics.mean(ys)], yerr=[spread], fmt="s", color="black", capsize=6)
+        ax.set_xticks([0, 0.45], [f"{len(values)} seeds", "mean ± sd"])
+        ax.set_xlim(-0.4, 0.7)
+        ax.grid(alpha=0.3, axis="y")
+        ax.ticklabel_format(axis="y", useOffset=False)
+    for ax in axes.flat[len(PLOTTED):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{title}: {len(finished)} finished job(s), the same settings over seeds "
+                 f"(each point a seed, labelled with it)", fontsize="small")
+    fig.tight_layout()
+    return fig
 
 
 def write_report(directory: str | Path, make_plot: bool = True) -> str:

@@ -11,7 +11,7 @@ from dvae.cli.report import main
 from dvae.training.metrics import EdgePSNR, sobel_magnitude
 from dvae.training.sweep_report import write_report
 
-METRICS = {"psnr": 21.5, "psnr_mean_color": 18.25, "psnr_edges": 15.75, "bits_per_dim": 6.5,
+METRICS = {"psnr": 21.5, "psnr_mean_color": 18.25, "psnr_edges": 15.75, "ssim": 0.75, "bits_per_dim": 6.5,
            "perplexity": 30.0, "codes_used_fraction": 0.125, "steps": 300, "wall_seconds": 42.0}
 
 
@@ -48,11 +48,12 @@ def test_report_tabulates_finished_jobs_and_lists_the_others(sweep_dir, capsys):
     assert text in capsys.readouterr().out  # the table is printed too
     assert "5 job(s): 2 finished, 1 failed, 1 unfinished, 1 damaged." in text
     assert "Common overrides: `scale=constant data=shapes`." in text
-    header = ("| job | scale.value | PSNR | mean-colour PSNR | gain dB | edge PSNR | bits/dim | perplexity "
+    header = ("| job | scale.value | PSNR | mean-colour PSNR | gain dB | edge PSNR | SSIM | bits/dim | perplexity "
               "| codes used | steps | wall s |")
     assert header in text
-    assert "| 0 | 0.05 | 21.50 | 18.25 | +3.25 | 15.75 | 6.500 | 30.0 | 0.125 | 300 | 42.0 |" in text
-    assert "| 10 | 1.6 | 25.00 | 18.25 | +6.75 | 15.75 | – |" in text  # jobs in numeric order, no bits/dim for L1/MSE
+    assert "| 0 | 0.05 | 21.50 | 18.25 | +3.25 | 15.75 | 0.750 | 6.500 | 30.0 | 0.125 | 300 | 42.0 |" in text
+    # jobs in numeric order, no bits/dim for L1/MSE
+    assert "| 10 | 1.6 | 25.00 | 18.25 | +6.75 | 15.75 | 0.750 | – |" in text
     assert text.index("| 0 |") < text.index("| 10 |")
     assert "- job 3 (scale.value=0.8): RuntimeError: out of memory" in text
     assert "- job 1 (scale.value=0.2)\n" in text
@@ -134,3 +135,27 @@ def test_a_seed_sweep_reports_min_and_median_over_seeds(tmp_path):
     assert "Min / median over seeds:" in text
     assert "| seeds | gain dB | PSNR | codes used | perplexity | wall s |" in text
     assert "| 3 | +1.75 / +5.75 | 20.00 / 24.00 | 0.002 / 0.500 | 30.0 / 30.0 | 90.0 / 100.0 |" in text
+
+
+def test_a_sweep_over_seeds_alone_is_drawn_as_a_distribution_not_a_line(tmp_path):
+    """`dvae-train -m seed=1,2,3,4`: seeds are repeats, so no panel draws a line across seed numbers."""
+    from dvae.training.sweep_report import find_jobs, plot
+
+    for i, seed in enumerate([1, 2, 3, 4]):
+        make_job(tmp_path / str(i), [f"seed={seed}"], {**METRICS, "psnr": 21.0 + seed / 10})
+    figure = plot(tmp_path / "report.png", find_jobs(tmp_path), title="seeds")
+    assert (tmp_path / "report.png").stat().st_size > 0
+    psnr = figure.axes[0]
+    assert [t.get_text() for t in psnr.get_xticklabels()] == ["4 seeds", "mean ± sd"]
+    assert all(len(line.get_xdata()) <= 2 for line in psnr.get_lines())  # error bars only, no line over seeds
+    assert sorted(psnr.collections[0].get_offsets()[:, 1]) == pytest.approx([21.1, 21.2, 21.3, 21.4])
+    assert {t.get_text() for t in psnr.texts} == {"1", "2", "3", "4"}  # each point says which seed it is
+
+
+def test_an_integer_key_gets_its_own_values_as_ticks(tmp_path):
+    from dvae.training.sweep_report import find_jobs, plot
+
+    for i, steps in enumerate([300, 600, 900]):
+        make_job(tmp_path / str(i), [f"trainer.max_steps={steps}"], METRICS)
+    figure = plot(tmp_path / "report.png", find_jobs(tmp_path), title="steps")
+    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["300", "600", "900"]
