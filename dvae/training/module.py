@@ -25,7 +25,7 @@ from dvae.losses import (
 from dvae.model import DEFAULT_LOG_SCALE_FLOOR, DVAE, DVAEConfig
 from dvae.nn.codebook import perplexity
 from dvae.schedules import SCALE_MODES, SEED_SCALE, Schedule
-from dvae.training.metrics import CodeCounts, EdgePSNR
+from dvae.training.metrics import CodeCounts, EdgePSNR, ssim
 from dvae.training.rng_state import rng_state, set_rng_state
 from dvae.training.usage import (
     UsageWindow,
@@ -118,6 +118,7 @@ class DVAELightning(L.LightningModule):
         self.val_psnr = MeanMetric()
         self.val_psnr_mean_color = MeanMetric()
         self.val_psnr_edges = EdgePSNR()
+        self.val_ssim = MeanMetric()
         self.val_bits_per_dim = MeanMetric()
         self.val_code_counts = CodeCounts(K)
         self.val_images = SumMetric()  # synchronised: each validation image counted once over all ranks
@@ -310,6 +311,7 @@ class DVAELightning(L.LightningModule):
         self.val_psnr.update(psnr(x, x_hat))
         self.val_psnr_mean_color.update(psnr(x, mean_color))
         self.val_psnr_edges.update(x, x_hat)
+        self.val_ssim.update(ssim(x, x_hat))
         self.val_code_counts.update(tokens)
         self.val_images.update(float(x.shape[0]))
         rec, kl, _ = self.elbo_terms(model, x, logits, mu, log_scale)
@@ -324,6 +326,7 @@ class DVAELightning(L.LightningModule):
             "val/psnr": self.val_psnr.compute(),
             "val/psnr_mean_color": self.val_psnr_mean_color.compute(),
             "val/psnr_edges": self.val_psnr_edges.compute(),
+            "val/ssim": self.val_ssim.compute(),
             "val/perplexity": perplexity(counts),
             "val/codes_used_fraction": (counts > 0).float().mean(),
             "val/images": self.val_images.compute(),
@@ -340,7 +343,7 @@ class DVAELightning(L.LightningModule):
         self.reset_validation_metrics()
 
     def reset_validation_metrics(self) -> None:
-        for metric in (self.val_psnr, self.val_psnr_mean_color, self.val_psnr_edges,
+        for metric in (self.val_psnr, self.val_psnr_mean_color, self.val_psnr_edges, self.val_ssim,
                        self.val_bits_per_dim, self.val_code_counts, self.val_images):
             metric.reset()
 

@@ -157,6 +157,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
         "psnr": final["val/psnr"],
         "psnr_mean_color": final["val/psnr_mean_color"],
         "psnr_edges": final.get("val/psnr_edges"),
+        "ssim": final.get("val/ssim"),
         "bits_per_dim": final.get("val/bits_per_dim"),
         "perplexity": final["val/perplexity"],
         "codes_used_fraction": final["val/codes_used_fraction"],

@@ -240,7 +240,7 @@ def test_resume_auto_with_another_batch_size_is_refused_before_writing(cli, tmp_
 
 # --- the installed command end to end ------------------------------------------------------------------
 
-METRIC_KEYS = {"psnr", "psnr_mean_color", "bits_per_dim", "perplexity", "codes_used_fraction",
+METRIC_KEYS = {"psnr", "psnr_mean_color", "ssim", "bits_per_dim", "perplexity", "codes_used_fraction",
                "steps", "wall_seconds", "gain", "healthy"}
 
 
@@ -250,6 +250,7 @@ def check_run_dir(run_dir: Path, steps: int):
     assert METRIC_KEYS <= metrics.keys()
     assert metrics["steps"] == steps
     assert 0 < metrics["codes_used_fraction"] <= 1 and metrics["perplexity"] >= 1
+    assert -1 <= metrics["ssim"] <= 1
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
     assert metrics["gain"] == pytest.approx(metrics["psnr"] - metrics["psnr_mean_color"])
@@ -276,7 +277,7 @@ def test_cli_trains_and_writes_the_run_directory(data, tmp_path):
     rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
     logged = {k for row in rows for k, v in row.items() if v}
     assert {"train/loss", "train/nll", "train/kl", "train/tau", "train/beta", "train/scale",
-            "train/lr", "val/psnr", "val/psnr_mean_color", "val/bits_per_dim",
+            "train/lr", "val/psnr", "val/psnr_mean_color", "val/ssim", "val/bits_per_dim",
             "val/perplexity", "val/codes_used_fraction", "train/codes_used", "train/perplexity",
             "val/training_seconds"} <= logged
     assert "dvae-train: one dvae training process on this machine's" in result.stderr  # threads=auto says so
