@@ -168,3 +168,22 @@ def test_nll_refuses_what_it_cannot_compute_with_a_sentence(x, mu, log_scale, er
 def test_bits_per_dim_of_no_pixels_is_refused_not_nan():
     with pytest.raises(ValueError, match="at least one pixel"):
         bits_per_dim(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(()))
+
+
+@pytest.mark.parametrize("size", [32, 16, 11])
+def test_ssim_is_scikit_images_structural_similarity(size):
+    """The validation SSIM against an independent implementation: scikit-image's, with the Gaussian window of
+    Wang et al. (2004) and population statistics."""
+    from skimage.metrics import structural_similarity
+
+    from dvae.losses import ssim
+
+    generator = torch.Generator().manual_seed(size)
+    x = torch.rand(3, 3, size, size, generator=generator, dtype=torch.float64)
+    x_hat = (x + 0.2 * torch.randn(x.shape, generator=generator, dtype=torch.float64)).clamp(0, 1)
+    got = ssim(x, x_hat)
+    want = [structural_similarity(a.numpy(), b.numpy(), data_range=1.0, channel_axis=0, gaussian_weights=True,
+                                  sigma=1.5, use_sample_covariance=False) for a, b in zip(x, x_hat)]
+    assert got.shape == (3,)
+    assert got.tolist() == pytest.approx(want, abs=1e-9)
+    assert ssim(x, x).tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)

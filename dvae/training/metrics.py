@@ -1,9 +1,8 @@
-"""Validation metrics beyond PSNR: SSIM, PSNR near strong edges, and how often each code is used."""
+"""Validation metrics beyond PSNR and SSIM: PSNR near strong edges, and how often each code is used."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -58,28 +57,3 @@ class CodeCounts(Metric):
 
     def compute(self) -> Tensor:
         return self.counts
-
-
-def ssim(x: Tensor, x_hat: Tensor) -> Tensor:
-    """[B] structural similarity of each reconstruction to its original (images in [0, 1]), as Wang et al. (2004)
-    and scikit-image's `structural_similarity(gaussian_weights=True, use_sample_covariance=False)` define it:
-    Gaussian-weighted local statistics (sigma 1.5, an 11x11 window), K1 = 0.01, K2 = 0.03, averaged over the
-    positions where the window lies inside the image and over the channels. An image smaller than the window
-    gets the largest window that fits."""
-    radius = min(5, (min(x.shape[-2:]) - 1) // 2)
-    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    g = torch.exp(-(taps**2) / (2 * 1.5**2))
-    g = g / g.sum()
-    channels = x.shape[1]
-    rows, cols = g.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), g.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
-
-    def local_mean(t: Tensor) -> Tensor:  # separable Gaussian filter, valid positions only
-        return F.conv2d(F.conv2d(t, rows, groups=channels), cols, groups=channels)
-
-    c1, c2 = 0.01**2, 0.03**2
-    mu_x, mu_y = local_mean(x), local_mean(x_hat)
-    var_x = local_mean(x * x) - mu_x**2
-    var_y = local_mean(x_hat * x_hat) - mu_y**2
-    cov = local_mean(x * x_hat) - mu_x * mu_y
-    s = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return s.mean(dim=(1, 2, 3))

@@ -21,11 +21,12 @@ from dvae.losses import (
     psnr,
     reconstruct,
     reconstruction_loss,
+    ssim,
 )
 from dvae.model import DEFAULT_LOG_SCALE_FLOOR, DVAE, DVAEConfig
 from dvae.nn.codebook import perplexity
 from dvae.schedules import SCALE_MODES, SEED_SCALE, Schedule
-from dvae.training.metrics import CodeCounts, EdgePSNR, ssim
+from dvae.training.metrics import CodeCounts, EdgePSNR
 from dvae.training.rng_state import rng_state, set_rng_state
 from dvae.training.usage import (
     UsageWindow,

@@ -42,22 +42,3 @@ def test_channels_last_training_computes_the_same_loss_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     fast.teardown("fit")
     assert fast.ema_model.encoder.blocks.input.weight.is_contiguous()  # loaded and exported models are NCHW
-
-
-@pytest.mark.parametrize("size", [32, 16, 11])
-def test_ssim_is_scikit_images_structural_similarity(size):
-    """The validation SSIM against an independent implementation: scikit-image's, with the Gaussian window of
-    Wang et al. (2004) and population statistics."""
-    from skimage.metrics import structural_similarity
-
-    from dvae.training.metrics import ssim
-
-    generator = torch.Generator().manual_seed(size)
-    x = torch.rand(3, 3, size, size, generator=generator, dtype=torch.float64)
-    x_hat = (x + 0.2 * torch.randn(x.shape, generator=generator, dtype=torch.float64)).clamp(0, 1)
-    got = ssim(x, x_hat)
-    want = [structural_similarity(a.numpy(), b.numpy(), data_range=1.0, channel_axis=0, gaussian_weights=True,
-                                  sigma=1.5, use_sample_covariance=False) for a, b in zip(x, x_hat)]
-    assert got.shape == (3,)
-    assert got.tolist() == pytest.approx(want, abs=1e-9)
-    assert ssim(x, x).tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
