@@ -22,6 +22,7 @@ from dvae.training.builders import build_module, build_trainer, load_init_from
 from dvae.training.config_checks import apply_scale_shorthand, validate_config
 from dvae.training.hydra_run import command_line_overrides, hydra_config, in_multirun
 from dvae.training.loggers import build_loggers, close_loggers, rank_zero
+from dvae.training.pictures import write_run_pictures
 from dvae.training.run_dir import check_new_run_dir, check_writable, clear_run_outputs, hydra_files
 
 # Noise from Lightning's internals on current torch; nothing a user can act on.
@@ -173,6 +174,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     metrics["bad_files"] = len(bad_files)
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_run_pictures(run_dir, module.ema_model, getattr(module, "last_val_code_counts", None))
         print_summary(metrics, run_dir)
         print(f"dvae-train: {verdict}", file=sys.stderr)
         if bad_files:

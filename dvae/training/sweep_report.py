@@ -31,6 +31,8 @@ COLUMNS = {
 PLOTTED = ("psnr", "psnr_mean_color", "psnr_edges", "ssim", "bits_per_dim", "perplexity", "codes_used_fraction")
 AVERAGED = ("psnr", "psnr_edges", "psnr_mean_color", "ssim", "bits_per_dim", "perplexity", "codes_used_fraction")
 # the recipe check (experiment=recipe_check): min and median over seeds of what decides whether a run is usable
+# what a run leaves in images/ when it ends (training/pictures.py), linked from report.md
+RUN_PICTURES = (("training curves", "training_curves.png"), ("codebook atlas", "codebook_atlas.png"))
 SEED_SUMMARY = ("gain", "psnr", "codes_used_fraction", "perplexity", "wall_seconds")
 JOB_FILES = ("metrics.json", "config.yaml", "status.json", "error.txt", ".hydra/overrides.yaml")
 
@@ -180,6 +182,12 @@ def render(directory: Path, jobs: list[Job]) -> str:
         lines += ["", "Min / median over seeds" + (f" ({', '.join(groups)})" if groups else "") + ":", ""]
         lines += _table([*groups, "seeds", *(COLUMNS[m][0] for m in SEED_SUMMARY)],
                         _per_group(finished, groups, SEED_SUMMARY, _min_median))
+    pictures = [(j, [(label, j.path / "images" / name) for label, name in RUN_PICTURES
+                     if (j.path / "images" / name).is_file()]) for j in finished]
+    if any(found for _, found in pictures):
+        lines += ["", "Each run's pictures:", ""]
+        lines += [f"- job {j.name}: " + ", ".join(f"[{label}]({path.relative_to(directory).as_posix()})"
+                                                  for label, path in found) for j, found in pictures if found]
     if failed:
         lines += ["", "Failed jobs:", ""]
         lines += [f"- job {j.name} ({_describe(j, keys)}): {j.error or 'unknown error'}" for j in failed]

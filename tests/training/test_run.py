@@ -111,3 +111,13 @@ def test_training_metrics_reach_the_logger_as_when_logged_every_update(stop_afte
     gated = training_rows(tmp_path / "gated")
     assert [int(r["step"]) for r in gated] == ([2, 4] if stop_after else [2, 5])
     assert gated == training_rows(tmp_path / "plain")
+
+
+def test_a_run_ends_with_its_codebook_atlas_and_training_curves(fast_config, tmp_path):
+    from PIL import Image
+
+    train(fast_config(), run_dir=tmp_path)
+    with Image.open(tmp_path / "images" / "codebook_atlas.png") as atlas:
+        assert atlas.size == (1 + 6 * 17, 1 + 6 * 17)  # K = 32 codes of 4x4 pixels, enlarged to 16, 6 a row
+    with Image.open(tmp_path / "images" / "training_curves.png") as curves:
+        assert curves.width > 4 * curves.height  # five panels in a row

@@ -159,3 +159,15 @@ def test_an_integer_key_gets_its_own_values_as_ticks(tmp_path):
         make_job(tmp_path / str(i), [f"trainer.max_steps={steps}"], METRICS)
     figure = plot(tmp_path / "report.png", find_jobs(tmp_path), title="steps")
     assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["300", "600", "900"]
+
+
+def test_the_report_links_each_runs_pictures(tmp_path):
+    from dvae.training.sweep_report import write_report
+
+    make_job(tmp_path / "0", ["seed=0"], METRICS)
+    make_job(tmp_path / "1", ["seed=1"], METRICS)
+    (tmp_path / "0" / "images").mkdir()
+    (tmp_path / "0" / "images" / "training_curves.png").write_bytes(b"png")
+    text = write_report(tmp_path, make_plot=False)
+    assert "- job 0: [training curves](0/images/training_curves.png)" in text
+    assert "- job 1:" not in text  # no pictures there, no link
