@@ -174,7 +174,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     metrics["bad_files"] = len(bad_files)
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        write_run_pictures(run_dir, module.ema_model, getattr(module, "last_val_code_counts", None))
+        try:  # pictures of a finished run: one that cannot be drawn costs the picture, not the run
+            write_run_pictures(run_dir, module.ema_model, getattr(module, "last_val_code_counts", None))
+        except (OSError, ValueError, RuntimeError) as error:
+            print(f"dvae-train: the run's pictures could not be drawn ({error}); its results are intact.",
+                  file=sys.stderr)
         print_summary(metrics, run_dir)
         print(f"dvae-train: {verdict}", file=sys.stderr)
         if bad_files:

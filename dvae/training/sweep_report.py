@@ -30,9 +30,9 @@ COLUMNS = {
 }
 PLOTTED = ("psnr", "psnr_mean_color", "psnr_edges", "ssim", "bits_per_dim", "perplexity", "codes_used_fraction")
 AVERAGED = ("psnr", "psnr_edges", "psnr_mean_color", "ssim", "bits_per_dim", "perplexity", "codes_used_fraction")
-# the recipe check (experiment=recipe_check): min and median over seeds of what decides whether a run is usable
 # what a run leaves in images/ when it ends (training/pictures.py), linked from report.md
 RUN_PICTURES = (("training curves", "training_curves.png"), ("codebook atlas", "codebook_atlas.png"))
+# the recipe check (experiment=recipe_check): min and median over seeds of what decides whether a run is usable
 SEED_SUMMARY = ("gain", "psnr", "codes_used_fraction", "perplexity", "wall_seconds")
 JOB_FILES = ("metrics.json", "config.yaml", "status.json", "error.txt", ".hydra/overrides.yaml")
 

@@ -121,3 +121,15 @@ def test_a_run_ends_with_its_codebook_atlas_and_training_curves(fast_config, tmp
         assert atlas.size == (1 + 6 * 17, 1 + 6 * 17)  # K = 32 codes of 4x4 pixels, enlarged to 16, 6 a row
     with Image.open(tmp_path / "images" / "training_curves.png") as curves:
         assert curves.width > 4 * curves.height  # five panels in a row
+
+
+def test_a_picture_that_cannot_be_drawn_does_not_fail_the_run(fast_config, tmp_path, monkeypatch, capsys):
+    import dvae.training.pictures as pictures
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pictures, "save_png", full_disk)
+    train(fast_config(), run_dir=tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 4
+    assert "the run's pictures could not be drawn" in capsys.readouterr().err
