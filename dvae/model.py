@@ -260,6 +260,11 @@ class DVAE(nn.Module):
         mu, _ = self.split_output(self.decoder.forward_tokens(tokens))
         return reconstruct(mu, self.eps)
 
+    def kl_per_subpixel(self, logits: Tensor, images: Tensor) -> Tensor:
+        """KL(q || uniform prior) summed over the latent positions, averaged over the batch and divided by
+        the sub-pixels of one image: the paper's normalisation of the ELBO (training, validation, dvae-eval)."""
+        return self.quantizer.kl_to_uniform(logits).sum(dim=(1, 2)).mean() / images[0].numel()
+
     def split_output(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
         """Decoder output -> (mu, ln b or None); ln b goes through the soft floor."""
         if not self.learned_scale:

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from dvae.cli.exits import run_tool
+from dvae.cli.options import add_device_arguments
 from dvae.errors import os_error_sentence
 from dvae.formats.decode import decode_tokens
 
@@ -29,10 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nrow", type=int, default=8, help="images per row of the contact sheet (default: 8)")
     parser.add_argument("--limit", type=int, default=None,
                         help="decode only the first N (default: all; 64 with --grid)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_arguments(parser)
     return parser
 
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from dvae.cli.exits import run_tool
-from dvae.data.images import DATA_CONFIGS
+from dvae.cli.options import add_data_arguments, add_device_arguments
 from dvae.errors import os_error_sentence
 from dvae.formats.encode import encode_dataset
 
@@ -22,22 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "continues where it stopped when started again with the same arguments.",
     )
     parser.add_argument("--model", required=True, metavar="DIR", help="an export directory (dvae-export)")
-    parser.add_argument("--data", required=True, metavar="IMAGES_DIR_OR_CONFIG",
-                        help=f"a folder of images (searched recursively) or a data config: {', '.join(DATA_CONFIGS)} "
-                             "or a .yaml file")
+    add_data_arguments(parser)
     parser.add_argument("--out", required=True, metavar="TOKENS", help="the directory of token shards to write")
     parser.add_argument("--size", type=int, default=None,
                         help="image side in pixels, a multiple of the downsampling factor (default: the training "
                              "crop size in dvae.json); images are resized (shorter side) and centre-cropped")
     parser.add_argument("--split", default="val", choices=("val", "train"), help="for a data config (default: val)")
-    parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the data config, e.g. root=/data/mnist (repeatable)")
-    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=1024, help="images per shard (default: 1024)")
     parser.add_argument("--workers", type=int, default=0, help="image-loading processes (default: 0)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--force", action="store_true", help="start over in a --out that holds other tokens")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_arguments(parser)
     return parser
 
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from dvae.cli.exits import run_tool
-from dvae.data.images import DATA_CONFIGS
+from dvae.cli.options import add_data_arguments, add_device_arguments
 from dvae.errors import os_error_sentence
 from dvae.formats.evaluate import evaluate, render
 
@@ -24,21 +24,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "decoded alone) in --out and prints the table.",
     )
     parser.add_argument("models", nargs="+", metavar="MODEL_DIR", help="export directories; several are compared")
-    parser.add_argument("--data", required=True, metavar="IMAGES_DIR_OR_CONFIG",
-                        help=f"a folder of images (searched recursively) or a data config: {', '.join(DATA_CONFIGS)} "
-                             "or a .yaml file")
+    add_data_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="where the results go (a new or empty directory)")
     parser.add_argument("--size", type=int, default=None,
                         help="image side in pixels (default: the first model's training crop size); images are "
                              "resized (shorter side) and centre-cropped")
     parser.add_argument("--split", default="val", help="for a data config: val (default) or train")
-    parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a data config key, e.g. val_samples=256 (repeatable)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_arguments(parser)
     return parser
 
 

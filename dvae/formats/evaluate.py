@@ -72,7 +72,7 @@ class Tally:
         self.ssim += float(ssim(x, x_hat).sum())
         if self.with_bits:
             rec = logit_laplace_nll_mean(x, mu, log_scale, model.eps)
-            kl = model.quantizer.kl_to_uniform(logits).sum(dim=(1, 2)).mean() / x[0].numel()
+            kl = model.kl_per_subpixel(logits, x)
             self.bits += float(nll_to_bits_per_dim(rec + kl, model.eps)) * len(x)
         self.counts += torch.bincount(tokens.flatten().cpu(), minlength=model.K)
         self.images += len(x)

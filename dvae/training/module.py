@@ -154,7 +154,7 @@ class DVAELightning(L.LightningModule):
             rec = logit_laplace_nll_mean(x, mu, log_scale, self.hparams.pixel_eps, fused=self.hparams.compile_loss)
         else:
             rec = reconstruction_loss(self.hparams.loss, x, mu, log_scale, self.hparams.pixel_eps).mean()
-        kl = model.quantizer.kl_to_uniform(logits).sum(dim=(1, 2)).mean() / x[0].numel()
+        kl = model.kl_per_subpixel(logits, x)
         return rec, kl, log_scale
 
     def setup(self, stage: str) -> None:
