@@ -21,6 +21,7 @@ import hashlib
 import os
 import shutil
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -131,6 +132,10 @@ class BadFiles:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.seen: set[str] = set()
+        # The folder belongs to the process that made this object: it goes when the object is collected or
+        # the interpreter exits, so a datamodule used outside a run leaves nothing behind in /tmp.
+        # Workers (forked or unpickled copies) never remove it.
+        self._cleanup = weakref.finalize(self, _remove_if_owner, self.folder, os.getpid())
 
     def record(self, path: Path, reason: str) -> None:
         if str(path) in self.seen:
@@ -150,6 +155,16 @@ class BadFiles:
     def remove(self) -> None:
         """Delete the temporary folder once the run has read its entries."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_cleanup")
+        return state
+
+
+def _remove_if_owner(folder: Path, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def hash_order(files: list[Path], root: Path) -> list[Path]:

@@ -3,6 +3,7 @@ files, tar shards, ImageNet / CelebA layouts and the paper's augmentation. Every
 
 from __future__ import annotations
 
+import gc
 import io
 import tarfile
 import warnings
@@ -213,6 +214,22 @@ def test_bad_files_found_by_workers_are_reported_to_the_main_process(tmp_path):
             list(loader)
     train_bad = {dm.train_set.files[i].name for i in range(dm.train_set.num_images)} & set(BAD)
     assert {Path(path).name for path, _ in dm.bad_files()} >= train_bad and train_bad
+
+
+def test_the_bad_files_folder_goes_with_its_datamodule_even_outside_a_run(tmp_path):
+    """A datamodule used in a notebook or a test never reaches the run's clean-up; it must not leave a
+    dvae-bad-files-* folder in /tmp either. Workers that see the folder never remove it."""
+    bad_folder(tmp_path / "images")
+    dm = DVAEDataModule("folder", root=str(tmp_path / "images"), crop_size=16, batch_size=1, train_samples=10,
+                        val_fraction=0.2, num_workers=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        list(dm.train_dataloader())
+    folder = dm.bad_file_log.folder
+    assert folder.is_dir() and dm.bad_files(), "the worker's entries reach the main process"
+    del dm
+    gc.collect()
+    assert not folder.exists()
 
 
 def test_on_bad_file_error_names_the_file(tmp_path):
