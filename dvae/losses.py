@@ -175,12 +175,10 @@ def psnr(x: Tensor, x_hat: Tensor) -> Tensor:
     return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
-def ssim(x: Tensor, x_hat: Tensor) -> Tensor:
-    """[B] structural similarity of each reconstruction to its original (images in [0, 1]), as Wang et al. (2004)
-    and scikit-image's `structural_similarity(gaussian_weights=True, use_sample_covariance=False)` define it:
-    Gaussian-weighted local statistics (sigma 1.5, an 11x11 window), K1 = 0.01, K2 = 0.03, averaged over the
-    positions where the window lies inside the image and over the channels. An image smaller than the window
-    gets the largest window that fits."""
+def _ssim_terms(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """[B] SSIM and [B] contrast-structure term (SSIM without its luminance factor), each averaged over the
+    valid window positions and the channels: Gaussian window (sigma 1.5, 11x11, or the largest that fits),
+    K1 = 0.01, K2 = 0.03."""
     radius = min(5, (min(x.shape[-2:]) - 1) // 2)
     taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     g = torch.exp(-(taps**2) / (2 * 1.5**2))
@@ -196,5 +194,36 @@ def ssim(x: Tensor, x_hat: Tensor) -> Tensor:
     var_x = local_mean(x * x) - mu_x**2
     var_y = local_mean(x_hat * x_hat) - mu_y**2
     cov = local_mean(x * x_hat) - mu_x * mu_y
-    s = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return s.mean(dim=(1, 2, 3))
+    contrast_structure = (2 * cov + c2) / (var_x + var_y + c2)
+    luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
+    return (luminance * contrast_structure).mean(dim=(1, 2, 3)), contrast_structure.mean(dim=(1, 2, 3))
+
+
+def ssim(x: Tensor, x_hat: Tensor) -> Tensor:
+    """[B] structural similarity of each reconstruction to its original (images in [0, 1]), as Wang et al. (2004)
+    and scikit-image's `structural_similarity(gaussian_weights=True, use_sample_covariance=False)` define it:
+    Gaussian-weighted local statistics (sigma 1.5, an 11x11 window), K1 = 0.01, K2 = 0.03, averaged over the
+    positions where the window lies inside the image and over the channels. An image smaller than the window
+    gets the largest window that fits."""
+    return _ssim_terms(x, x_hat)[0]
+
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang, Simoncelli and Bovik (2003), five scales
+MS_SSIM_MIN_SIZE = 11 * 2 ** (len(MS_SSIM_WEIGHTS) - 1)  # the 11x11 window must fit the coarsest scale: 176 px
+
+
+def ms_ssim(x: Tensor, x_hat: Tensor) -> Tensor:
+    """[B] multi-scale SSIM (Wang, Simoncelli and Bovik, 2003) of images in [0, 1] of at least
+    MS_SSIM_MIN_SIZE pixels a side: the contrast-structure term at the four finer scales and the full SSIM at
+    the coarsest, each raised to its weight and multiplied; 2x2 average pooling between scales. Negative terms
+    (anti-correlated structure) are clamped to 0 so the power stays real."""
+    if min(x.shape[-2:]) < MS_SSIM_MIN_SIZE:
+        raise ValueError(f"MS-SSIM needs images of at least {MS_SSIM_MIN_SIZE} pixels a side, not "
+                         f"{tuple(x.shape[-2:])}.")
+    result = torch.ones(len(x), dtype=x.dtype, device=x.device)
+    for scale, weight in enumerate(MS_SSIM_WEIGHTS):
+        full, contrast_structure = _ssim_terms(x, x_hat)
+        term = full if scale == len(MS_SSIM_WEIGHTS) - 1 else contrast_structure
+        result = result * term.clamp_min(0.0) ** weight
+        x, x_hat = F.avg_pool2d(x, 2), F.avg_pool2d(x_hat, 2)
+    return result

@@ -1,7 +1,9 @@
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import integrate
 
 from dvae.losses import (
@@ -187,3 +189,50 @@ def test_ssim_is_scikit_images_structural_similarity(size):
     assert got.shape == (3,)
     assert got.tolist() == pytest.approx(want, abs=1e-9)
     assert ssim(x, x).tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
+
+
+def reference_ms_ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """MS-SSIM of one [C, H, W] pair written from Wang, Simoncelli and Bovik (2003) with scipy's filters, apart
+    from dvae's code: Gaussian window (sigma 1.5, radius 5), statistics where the window lies inside the image."""
+    from scipy.ndimage import correlate1d
+
+    taps = np.exp(-(np.arange(-5, 6) ** 2) / (2 * 1.5**2))
+    taps /= taps.sum()
+
+    def local_mean(image):
+        filtered = correlate1d(correlate1d(image, taps, axis=1), taps, axis=2)
+        return filtered[:, 5:-5, 5:-5]
+
+    weights = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]
+    result = 1.0
+    for level, weight in enumerate(weights):
+        mx, my = local_mean(x), local_mean(y)
+        vx, vy, cxy = local_mean(x * x) - mx**2, local_mean(y * y) - my**2, local_mean(x * y) - mx * my
+        cs = (2 * cxy + 0.03**2) / (vx + vy + 0.03**2)
+        lum = (2 * mx * my + 0.01**2) / (mx**2 + my**2 + 0.01**2)
+        term = (lum * cs).mean() if level == len(weights) - 1 else cs.mean()
+        result *= max(term, 0.0) ** weight
+        c, h, w = x.shape
+        x = x.reshape(c, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+        y = y.reshape(c, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+    return result
+
+
+def test_ms_ssim_is_wang_simoncelli_bovik():
+    """MS-SSIM against an independent implementation (scipy filters), and near torchmetrics' (which pads at the
+    borders instead of using only the window positions inside the image)."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    from dvae.losses import MS_SSIM_MIN_SIZE, ms_ssim
+
+    generator = torch.Generator().manual_seed(3)
+    x = F.avg_pool2d(torch.rand(2, 3, 192, 192, generator=generator, dtype=torch.float64), 5, 1, 2)
+    x_hat = (x + 0.05 * torch.randn(x.shape, generator=generator, dtype=torch.float64)).clamp(0, 1)
+    got = ms_ssim(x, x_hat)
+    assert got.tolist() == pytest.approx([reference_ms_ssim(a.numpy(), b.numpy()) for a, b in zip(x, x_hat)],
+                                         abs=1e-9)
+    padded = multiscale_structural_similarity_index_measure(x_hat, x, data_range=1.0, reduction="none")
+    assert got.tolist() == pytest.approx(padded.tolist(), abs=2e-3)
+    assert ms_ssim(x, x).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    with pytest.raises(ValueError, match=f"at least {MS_SSIM_MIN_SIZE} pixels"):
+        ms_ssim(x[..., :64, :64], x_hat[..., :64, :64])
