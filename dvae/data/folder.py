@@ -3,8 +3,9 @@
 Images are read from disk on access, the most recent ones kept decoded up to `data.cache_mb` per split
 and data-loading process (a small folder is decoded once, not once per crop), converted to RGB (grey, palette,
 RGBA, 16-bit, 32-bit and float images included, see `rgb_array`), upscaled with a warning if smaller
-than the crop, then cropped: random crop + flip (or `data.augment=paper`) for training, center crop for
-validation. Symlinked folders are followed (each folder is read once, so a link loop ends); entries that are
+than the crop, then cropped: random crop + flip (or `data.augment=paper`) for training; for validation the
+shorter side resized to the crop size and the centre square (`transforms.evaluation_view`, as dvae-eval and
+dvae-encode). Symlinked folders are followed (each folder is read once, so a link loop ends); entries that are
 not regular files (FIFOs, devices, broken links) are never opened.
 
 The file list is cached (see `folder_index`), so a folder of millions of files is not walked at every

@@ -46,6 +46,22 @@ def read_rgb(path: Path) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
+def header_problem(path: Path) -> str | None:
+    """Why `path` is not an image file Pillow (or tifffile) can open, from its header alone (cheap: nothing is
+    decoded), or None. A file damaged past its header is found only when it is decoded."""
+    try:
+        with open_regular(path) as file:
+            try:
+                with open_image(file):
+                    return None
+            except UnidentifiedImageError:
+                if path.suffix.lower() in (".tif", ".tiff"):
+                    return None  # read_tiff reads what Pillow does not; decoding tells
+                return "not an image format Pillow can read, or damaged"
+    except Exception as error:  # as in read_rgb: a damaged file fails in many ways
+        return one_line(error)
+
+
 def open_regular(path: Path):
     """`path` opened for binary reading, refused unless it is a regular file: opening a FIFO for reading
     would wait for a writer forever (O_NONBLOCK makes the open return at once)."""

@@ -1,5 +1,5 @@
 """Images for encoding: a file or a data config's split -> float [channels, size, size] crops in [0, 1],
-the same centre-crop-and-resize for every image; and back to 8-bit PNG files."""
+by the evaluation rule validation uses too (`evaluation_view`); and back to 8-bit PNG files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from dvae.data.folder import walk_images
 from dvae.data.image_files import IMAGE_EXTENSIONS, read_rgb
-from dvae.data.transforms import center_crop, resize, to_unit_float
+from dvae.data.transforms import evaluation_view, to_unit_float
 from dvae.errors import ConfigError
 from dvae.files import atomic_write
 
@@ -22,12 +22,9 @@ GREY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma, for 1-channel mode
 
 
 def prepare_image(image: Tensor, size: int, channels: int = 3) -> Tensor:
-    """uint8 [3, H, W] -> float [channels, size, size] in [0, 1]: the shorter side resized to `size`
-    (antialiased bilinear), then the centre square. What dvae-encode feeds the model."""
-    _, height, width = image.shape
-    scale = size / min(height, width)
-    image = resize(image, max(size, round(height * scale)), max(size, round(width * scale)))
-    x = to_unit_float(center_crop(image, size))
+    """uint8 [3, H, W] -> float [channels, size, size] in [0, 1] by `evaluation_view`, the rule validation uses
+    too: what dvae-encode and dvae-eval feed the model."""
+    x = to_unit_float(evaluation_view(image, size))
     if channels == 1 and x.shape[0] == 3:  # the weights sum to 1 only up to rounding: clamp
         x = (x * GREY[:, None, None]).sum(dim=0, keepdim=True).clamp_(0.0, 1.0)
     return x

@@ -59,6 +59,17 @@ def paper_augment(image: Tensor, size: int, rng: random.Random, flip: bool) -> T
     return random_crop(resize(square, target, target), size, rng, flip)
 
 
+def evaluation_view(image: Tensor, size: int) -> Tensor:
+    """uint8 [C, H, W] -> uint8 [C, size, size]: how validation, dvae-eval and dvae-encode all see an image of
+    any size, the field's protocol (ImageNet at 256 included): the shorter side resized to `size` (antialiased
+    bilinear, up or down), then the centre square. Keeping it one function keeps their figures comparable."""
+    _, height, width = image.shape
+    scale = size / min(height, width)
+    # max() guards against rounding the shorter side to size - 1.
+    image = resize(image, max(size, round(height * scale)), max(size, round(width * scale)))
+    return center_crop(image, size)
+
+
 def center_crop(image: Tensor, size: int) -> Tensor:
     _, height, width = image.shape
     top = (height - size) // 2
@@ -87,7 +98,7 @@ def grow_to_fit(image: Tensor, size: int) -> Tensor:
 
 
 class CroppedImages(Dataset[Tensor]):
-    """A finite list of images served as crops: random crop + flip for training, center crop for validation.
+    """A finite list of images served as crops: random crop + flip for training, `evaluation_view` for validation.
 
     Training indices are the "virtual" indices from `EpochSampler`: image = index % num_images, and the crop
     is drawn from an RNG keyed on the whole index, so every epoch sees new crops. The training length is at
@@ -120,11 +131,9 @@ class CroppedImages(Dataset[Tensor]):
         image = self.load_image(index % self.num_images)
         if self.resize_to is not None:
             image = resize(image, self.resize_to, self.resize_to)
+        if not self.train:
+            return to_unit_float(evaluation_view(image, self.crop_size))
         image = grow_to_fit(image, self.crop_size)
-        if self.train:
-            rng = item_rng(type(self).__name__, self.seed, index)
-            augment = paper_augment if self.augment == "paper" else random_crop
-            crop = augment(image, self.crop_size, rng, self.random_flip)
-        else:
-            crop = center_crop(image, self.crop_size)
-        return to_unit_float(crop)
+        rng = item_rng(type(self).__name__, self.seed, index)
+        augment = paper_augment if self.augment == "paper" else random_crop
+        return to_unit_float(augment(image, self.crop_size, rng, self.random_flip))

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dvae.data.folder import BadFiles
 from dvae.data.image_files import UnreadableImage, one_line, open_image, rgb_array
-from dvae.data.transforms import center_crop, grow_to_fit, paper_augment, random_crop, stable_seed, to_unit_float
+from dvae.data.transforms import evaluation_view, grow_to_fit, paper_augment, random_crop, stable_seed, to_unit_float
 from dvae.errors import ConfigError
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
@@ -111,9 +111,9 @@ class ShardStream(IterableDataset):
         return iter(wds.DataPipeline(*stages))
 
     def crop(self, image: Tensor, key: str) -> Tensor:
-        image = grow_to_fit(image, self.crop_size)
         if not self.train:
-            return to_unit_float(center_crop(image, self.crop_size))
+            return to_unit_float(evaluation_view(image, self.crop_size))
+        image = grow_to_fit(image, self.crop_size)
         rng = random.Random(stable_seed("crop", self.seed, key))
         augment = paper_augment if self.augment == "paper" else random_crop
         return to_unit_float(augment(image, self.crop_size, rng, self.random_flip))

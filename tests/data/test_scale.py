@@ -281,6 +281,20 @@ def test_two_ranks_stream_disjoint_shards_and_together_see_every_sample(tmp_path
     assert sorted(per_rank[0] + per_rank[1]) == list(range(12))
 
 
+def test_webdataset_validation_sees_images_by_the_evaluation_rule(tmp_path):
+    """Shard validation resizes and centre-crops like folder validation, dvae-eval and dvae-encode."""
+    from dvae.data.image_files import read_rgb
+    from dvae.data.transforms import evaluation_view, to_unit_float
+
+    (shard,) = write_shards(tmp_path, shards=1, per_shard=2)
+    stream = ShardStream([shard], crop_size=12, train=False, seed=0, random_flip=False, augment="crop")
+    served = list(stream)
+    with tarfile.open(shard) as tar:
+        tar.extractall(tmp_path / "files", filter="data")
+    for image, name in zip(served, ("s0_0000.png", "s0_0001.png")):
+        assert torch.equal(image, to_unit_float(evaluation_view(read_rgb(tmp_path / "files" / name), 12)))
+
+
 def test_webdataset_source_through_the_data_module(tmp_path):
     shards = write_shards(tmp_path, shards=3, per_shard=4)  # the last shard is held out for validation
     pattern = str(tmp_path / "shard-{000..002}.tar")
