@@ -3,7 +3,6 @@ side by side, and its refusals: one sentence and exit 2, before any weights are 
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -51,7 +50,9 @@ def test_eval_on_the_validation_set_gives_validations_figures(trained, tmp_path,
     assert figures["perplexity"] == pytest.approx(validation["perplexity"], rel=1e-4)
     assert figures["tokens_per_second"] > 0
     printed = capsys.readouterr().out
-    assert "| model | PSNR | SSIM | bits/dim |" in printed and "wrote eval.json" in printed
+    assert "| model | PSNR | SSIM | MS-SSIM | bits/dim |" in printed and "wrote eval.json" in printed
+    assert figures["ms_ssim"] is None and "MS-SSIM is not given: its five scales need images of at least 176" in printed
+    assert "LPIPS was not asked for" in printed and "rFID was not asked for" in printed
     with Image.open(tmp_path / "eval" / "eval_grid.png") as grid:
         assert grid.width > 8 * 32 and grid.height > 2 * 32  # originals above the reconstructions
     assert (tmp_path / "eval" / "eval_usage.png").stat().st_size > 0
@@ -115,16 +116,49 @@ def test_bad_input_is_one_sentence_before_any_weights_are_read(case, message, tr
     assert snapshot(tmp_path) == before
 
 
-def test_a_damaged_image_is_one_sentence_naming_it(trained, tmp_path, capsys):
+def test_a_file_that_is_not_an_image_is_one_sentence_before_any_weights_are_read(trained, tmp_path, capsys,
+                                                                                   no_weights_read):
     _, model = trained
     images = tmp_path / "images"
     images.mkdir()
     for i in range(3):
         Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(images / f"{i}.png")
     (images / "1.png").write_bytes(b"not a png")
+    before = snapshot(tmp_path)
     assert eval_main([str(model), "--data", str(images), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert str(images / "1.png") in one_sentence_error(capsys, "dvae-eval")
-    shutil.rmtree(tmp_path / "out", ignore_errors=True)
+    assert snapshot(tmp_path) == before
+
+
+def test_an_image_damaged_past_its_header_is_one_sentence_naming_it(trained, tmp_path, capsys):
+    """Only decoding finds this one, so it stops the evaluation mid-way: still one sentence, and no eval.json."""
+    _, model = trained
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), np.uint8)).save(images / f"{i}.png")
+    whole = (images / "2.png").read_bytes()
+    (images / "2.png").write_bytes(whole[: len(whole) // 2])
+    assert eval_main([str(model), "--data", str(images), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert str(images / "2.png") in one_sentence_error(capsys, "dvae-eval")
+    assert not (tmp_path / "out" / "eval.json").exists()
+
+
+def test_validation_dvae_eval_and_dvae_encode_see_a_folders_images_the_same_way(tmp_path):
+    """One rule (`evaluation_view`) for every image size: larger, smaller, not square."""
+    from dvae.data.datamodule import DVAEDataModule
+    from dvae.data.images import load_image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (height, width) in enumerate([(50, 40), (20, 12), (64, 100), (32, 32), (90, 45), (33, 70)]):
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), np.uint8)).save(images / f"{i}.png")
+    datamodule = DVAEDataModule("folder", root=str(images), crop_size=32, batch_size=2, val_fraction=0.5)
+    val = datamodule.val_set
+    assert val.num_images == 3
+    for i in range(val.num_images):
+        assert torch.equal(val[i], load_image(val.files[i], 32)), val.files[i]
 
 
 def test_the_atlas_shows_every_code_decoded_alone_most_used_first():
@@ -140,3 +174,94 @@ def test_the_atlas_shows_every_code_decoded_alone_most_used_first():
         mu, _ = model.split_output(model.decoder.forward_tokens(torch.tensor([[[3]]])))
     most_used = torch.nn.functional.interpolate(evaluate_module.reconstruct(mu, model.eps), scale_factor=4)[0]
     torch.testing.assert_close(atlas[:, 1:17, 1:17], most_used)  # code 3 (9 uses) comes first
+
+
+# --------------------------------------------------------------------------- MS-SSIM, LPIPS and rFID
+
+
+def photo_folder(path, count=4, size=48):
+    path.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        smooth = rng.random((size // 8, size // 8, 3))
+        Image.fromarray((np.kron(smooth, np.ones((8, 8, 1))) * 255).astype(np.uint8)).save(path / f"{i}.png")
+    return path
+
+
+@pytest.fixture
+def random_backbones(tmp_path, monkeypatch):
+    """Randomly initialised AlexNet and FID Inception saved under the published file names (their contents are
+    not the published weights, so scores must be labelled not comparable); the real hub cache is hidden."""
+    from dvae.formats.perceptual import FID_INCEPTION_FILE, LPIPS, LPIPS_BACKBONE_FILES, FIDInception
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.manual_seed(0)
+    alexnet_features = {f"features.{k}": v for k, v in LPIPS("alex").features.state_dict().items()}
+    torch.save(alexnet_features, weights / LPIPS_BACKBONE_FILES["alex"])  # what LPIPS reads of torchvision's file
+    torch.save(FIDInception().state_dict(), weights / FID_INCEPTION_FILE)
+    return weights
+
+
+def test_lpips_and_rfid_with_weights_that_are_not_the_published_ones_are_labelled_so(trained, tmp_path,
+                                                                                      random_backbones):
+    _, model = trained
+    images = photo_folder(tmp_path / "images")
+    out = tmp_path / "out"
+    assert eval_main([str(model), "--data", str(images), "--out", str(out), "--no-progress",
+                      "--metrics", "psnr,lpips,rfid", "--weights", str(random_backbones)]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    (figures,) = result["models"]
+    assert figures["lpips"] > 0 and math.isfinite(figures["rfid"]) and figures["rfid"] >= 0
+    assert figures["ssim"] is None and "perplexity" not in figures  # only what was asked for
+    assert result["weights"]["lpips"]["comparable"] is False and result["weights"]["rfid"]["comparable"] is False
+    table = (out / "eval.md").read_text()
+    assert "| model | PSNR | LPIPS | rFID |" in table
+    assert table.count("not comparable to published numbers") == 2
+
+
+def test_a_missing_backbone_file_is_named_with_where_to_get_it_before_any_weights_are_read(
+        trained, tmp_path, capsys, monkeypatch, no_weights_read):
+    _, model = trained
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    images = photo_folder(tmp_path / "images")
+    (tmp_path / "weights").mkdir()
+    before = snapshot(tmp_path)
+    for metric, file in (("lpips", "alexnet-owt-7be5be79.pth"), ("rfid", "pt_inception-2015-12-05-6726825d.pth")):
+        assert eval_main([str(model), "--data", str(images), "--out", str(tmp_path / "out"), "--no-progress",
+                          "--metrics", metric, "--weights", str(tmp_path / "weights")]) == 2
+        error = one_sentence_error(capsys, "dvae-eval")
+        assert file in error and "https://" in error, error
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metrics", "psnr,fid"], "'fid', which is not a metric"),
+    (["--metrics", "ms_ssim"], "ms_ssim needs images of at least 176 pixels"),
+    (["--metrics", "lpips", "--size", "16"], "lpips needs images of at least"),
+])
+def test_metrics_that_cannot_be_computed_are_refused_before_any_weights_are_read(args, message, trained, tmp_path,
+                                                                                  capsys, no_weights_read):
+    _, model = trained
+    assert eval_main([str(model), "--data", "photos", "--out", str(tmp_path / "out"), "--no-progress", *args]) == 2
+    assert message in one_sentence_error(capsys, "dvae-eval")
+
+
+def test_ms_ssim_where_the_size_allows_it(trained, tmp_path):
+    from dvae.data.images import load_image
+    from dvae.losses import ms_ssim
+
+    _, model = trained
+    images = photo_folder(tmp_path / "images", count=2, size=176)
+    out = tmp_path / "out"
+    assert eval_main([str(model), "--data", str(images), "--size", "176", "--out", str(out), "--no-progress"]) == 0
+    (figures,) = json.loads((out / "eval.json").read_text())["models"]
+    from dvae import DVAE
+
+    dvae = DVAE.from_pretrained(model)
+    x = torch.stack([load_image(images / f"{i}.png", 176) for i in range(2)])
+    with torch.inference_mode():
+        mu, _ = dvae.split_output(dvae.decoder.forward_tokens(dvae.logits(x).argmax(dim=1)))
+    want = float(ms_ssim(x, evaluate_module.reconstruct(mu, dvae.eps)).mean())
+    assert figures["ms_ssim"] == pytest.approx(want, abs=1e-5)
