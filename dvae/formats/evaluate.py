@@ -278,26 +278,27 @@ def render(report: dict[str, Any]) -> str:
              f"({json.dumps(report['data'])}, split {report['split']})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    lines += ["", "Reconstructions from argmax tokens (no noise), as validation computes them; images seen as "
-              "validation sees them (shorter side resized to the size, centre square). bits/dim is the negative "
-              "ELBO with the uniform prior, for logit-Laplace models with a learned scale."]
+    notes = ["Reconstructions from argmax tokens (no noise), as validation computes them, of the images as "
+             "validation sees them (a folder's: the shorter side resized to the size, the centre square; a data "
+             "config's: its split's own crops). bits/dim is the negative ELBO with the uniform prior, for "
+             "logit-Laplace models with a learned scale."]
     if "ms_ssim" in chosen and report["image_size"] < MS_SSIM_MIN_SIZE:
-        lines.append(f"MS-SSIM is not given: its five scales need images of at least {MS_SSIM_MIN_SIZE} pixels.")
+        notes.append(f"MS-SSIM is not given: its five scales need images of at least {MS_SSIM_MIN_SIZE} pixels.")
     weights = report.get("weights", {})
     for metric, title in (("lpips", "LPIPS"), ("rfid", "rFID")):
         if metric not in chosen:
-            lines.append(f"{title} was not asked for (--metrics {metric}); it needs backbone weights that no "
+            notes.append(f"{title} was not asked for (--metrics {metric}); it needs backbone weights that no "
                          f"installed package ships.")
             continue
         used = weights[metric]
         files = ", ".join(Path(f).name for f in used["files"])
         verdict = ("the published weights" if used["comparable"] else
                    "**other weights than the published ones: not comparable to published numbers**")
-        lines.append(f"{title}: {used['network']} from {files} ({verdict}).")
+        notes.append(f"{title}: {used['network']} from {files} ({verdict}).")
     if "rfid" in chosen and report["images"] < 2048:
-        lines.append(f"rFID from {report['images']} images is biased upwards (published figures use 50,000); "
+        notes.append(f"rFID from {report['images']} images is biased upwards (published figures use 50,000); "
                      f"compare it only with rFID on the same images.")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *(f"- {note}" for note in notes)]) + "\n"
 
 
 def _grid(originals: Tensor | None, reconstructions: list[Tensor | None]) -> Tensor:
