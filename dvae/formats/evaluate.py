@@ -45,9 +45,8 @@ USAGE_COLUMNS = ("codes_used", "codes_used_fraction", "perplexity", "top10_share
 def parse_metrics(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """--metrics psnr,ssim,lpips (or a list) -> the metric names, checked; `standard` stands for
     STANDARD_METRICS and `all` for every metric."""
-    names = text.split(",") if isinstance(text, str) else list(text)
     chosen: list[str] = []
-    for name in (n.strip().lower().replace("-", "_") for n in names):
+    for name in _names(text):
         expanded = {"standard": STANDARD_METRICS, "all": METRICS}.get(name, (name,))
         for metric in expanded:
             if metric not in METRICS:
@@ -58,6 +57,11 @@ def parse_metrics(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     if not chosen:
         raise ConfigError("--metrics is empty; name at least one of " + ", ".join(METRICS) + ".")
     return tuple(chosen)
+
+
+def _names(text: str | list[str] | tuple[str, ...]) -> list[str]:
+    names = text.split(",") if isinstance(text, str) else list(text)
+    return [name.strip().lower().replace("-", "_") for name in names]
 
 
 def usage_figures(counts: Tensor, top: int = TOP) -> dict[str, Any]:
@@ -170,7 +174,8 @@ def _check_models(model_dirs: list[Path], size: int | None) -> tuple[list[dict[s
 
 
 def _check_metrics(metrics: tuple[str, ...], asked: bool, size: int, lpips_net: str) -> None:
-    """Metrics the image size cannot give, refused when asked for by name (`asked`) before any work."""
+    """Metrics the image size cannot give, refused before any work; MS-SSIM only when named (`asked`): within
+    `standard` or `all` it is given where the size allows."""
     if asked and "ms_ssim" in metrics and size < MS_SSIM_MIN_SIZE:
         raise ConfigError(f"--metrics ms_ssim needs images of at least {MS_SSIM_MIN_SIZE} pixels a side (its five "
                           f"scales each halve the image) but --size is {size}; pass --size {MS_SSIM_MIN_SIZE} or "
@@ -209,7 +214,7 @@ def evaluate(model_dirs: list[str | Path], data: str, out: str | Path, size: int
     check_out_dir(out, force)
     dev = resolve_device(device)
     configs, size = _check_models(model_dirs, size)
-    _check_metrics(chosen, metrics is not None, size, lpips_net)
+    _check_metrics(chosen, metrics is not None and "ms_ssim" in _names(metrics), size, lpips_net)
     dataset, sources, spec = open_images(data, size, configs[0]["channels"], split, data_options)
     _check_image_headers(dataset)
     if "rfid" in chosen and len(sources) < 2:

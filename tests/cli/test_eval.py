@@ -211,6 +211,10 @@ def test_lpips_and_rfid_with_weights_that_are_not_the_published_ones_are_labelle
     out = tmp_path / "out"
     assert eval_main([str(model), "--data", str(images), "--out", str(out), "--no-progress",
                       "--metrics", "psnr,lpips,rfid", "--weights", str(random_backbones)]) == 0
+    assert eval_main([str(model), "--data", str(images), "--out", str(tmp_path / "all"), "--no-progress",
+                      "--metrics", "all", "--weights", str(random_backbones)]) == 0  # MS-SSIM: "–" at 48 px
+    everything = json.loads((tmp_path / "all" / "eval.json").read_text())["models"][0]
+    assert everything["ms_ssim"] is None and everything["lpips"] > 0 and everything["perplexity"] > 0
     result = json.loads((out / "eval.json").read_text())
     (figures,) = result["models"]
     assert figures["lpips"] > 0 and math.isfinite(figures["rfid"]) and figures["rfid"] >= 0
