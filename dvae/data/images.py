@@ -17,7 +17,7 @@ from dvae.data.transforms import evaluation_view, to_unit_float
 from dvae.errors import ConfigError
 from dvae.files import atomic_write
 
-DATA_CONFIGS = ("photos", "shapes", "mnist", "cifar10")
+DATA_CONFIGS = ("photos", "shapes", "mnist", "cifar10", "imagenet", "celeba", "webdataset")
 GREY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma, for 1-channel models
 
 

@@ -269,3 +269,23 @@ def test_ms_ssim_where_the_size_allows_it(trained, tmp_path):
         mu, _ = dvae.split_output(dvae.decoder.forward_tokens(dvae.logits(x).argmax(dim=1)))
     want = float(ms_ssim(x, evaluate_module.reconstruct(mu, dvae.eps)).mean())
     assert figures["ms_ssim"] == pytest.approx(want, abs=1e-5)
+
+
+def test_imagenets_validation_and_the_same_files_as_a_folder_give_the_same_figures(trained, tmp_path):
+    """The data config's validation split (the datamodule's) and the folder path see images by one rule."""
+    _, model = trained
+    root = tmp_path / "imagenet"
+    rng = np.random.default_rng(2)
+    for split in ("train", "val"):
+        (root / split / "n01").mkdir(parents=True)
+        for i in range(3):
+            smooth = rng.random((6, 9, 3))
+            picture = (np.kron(smooth, np.ones((10, 10, 1))) * 255).astype(np.uint8)  # 60 x 90, not square
+            Image.fromarray(picture).save(root / split / "n01" / f"{i}.JPEG")
+    results = []
+    for name, data in (("config", ["--data", "imagenet", "--data-option", f"root={root}"]),
+                       ("folder", ["--data", str(root / "val")])):
+        assert eval_main([str(model), *data, "--size", "32", "--out", str(tmp_path / name), "--no-progress"]) == 0
+        results.append(json.loads((tmp_path / name / "eval.json").read_text())["models"][0])
+    for key in ("psnr", "ssim", "bits_per_dim", "perplexity"):
+        assert results[0][key] == pytest.approx(results[1][key], rel=1e-6), key
