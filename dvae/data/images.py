@@ -17,7 +17,9 @@ from dvae.data.transforms import evaluation_view, to_unit_float
 from dvae.errors import ConfigError
 from dvae.files import atomic_write
 
-DATA_CONFIGS = ("photos", "shapes", "mnist", "cifar10", "imagenet", "celeba", "webdataset")
+DATA_CONFIGS = ("photos", "shapes", "mnist", "cifar10", "imagenet", "celeba")
+SHARDS_REFUSED = ("--data {data}: tar shards are a stream without a fixed list of images; extract the shard to "
+                  "evaluate or encode into a folder and pass that folder.")
 GREY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma, for 1-channel models
 
 
@@ -95,6 +97,8 @@ def open_images(data: str, size: int, channels: int, split: str = "val",
         return ImageFiles(paths, size, channels), sources, {"kind": "folder", "root": str(path.resolve())}
     if data == "folder":
         raise ConfigError("--data folder: pass the image directory itself, e.g. --data /data/images.")
+    if data == "webdataset":
+        raise ConfigError(SHARDS_REFUSED.format(data=data))
     if split not in ("val", "train"):
         raise ConfigError(f"--split {split} is not known; use val or train.")
     if path.suffix in (".yaml", ".yml") and path.is_file():
@@ -130,6 +134,8 @@ def open_images(data: str, size: int, channels: int, split: str = "val",
     cfg["crop_size"] = size
     datamodule = build_datamodule(cfg, seed=int(cfg.get("seed") or 0))
     dataset = datamodule.val_set if split == "val" else datamodule.train_set
+    if not hasattr(dataset, "__len__"):
+        raise ConfigError(SHARDS_REFUSED.format(data=data))
     if datamodule.channels != channels:
         raise ConfigError(
             f"--data {data} has {datamodule.channels}-channel images but the model reads {channels}; "

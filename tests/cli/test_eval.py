@@ -89,6 +89,7 @@ def no_weights_read(monkeypatch):
     ("size_not_a_multiple", "--size 30 is not a positive multiple of the model's downsampling factor 4"),
     ("out_not_empty", "is not empty"),
     ("other_channels", "reads 1-channel images but"),
+    ("shards", "tar shards are a stream without a fixed list of images"),
 ])
 def test_bad_input_is_one_sentence_before_any_weights_are_read(case, message, trained, tmp_path, capsys,
                                                                 no_weights_read):
@@ -102,6 +103,8 @@ def test_bad_input_is_one_sentence_before_any_weights_are_read(case, message, tr
         data = str(tmp_path / "empty")
     elif case == "size_not_a_multiple":
         args = ["--size", "30"]
+    elif case == "shards":
+        data = "webdataset"
     elif case == "out_not_empty":
         out.mkdir()
         (out / "mine.txt").write_text("keep me\n")
