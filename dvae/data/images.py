@@ -131,6 +131,8 @@ def open_images(data: str, size: int, channels: int, split: str = "val",
                           f"like dvae/configs/data/folder.yaml, or a folder of images.")
     opts = options if isinstance(options, dict) else _parse_options(list(options))
     cfg.update(opts)
+    if cfg.get("root") == "???":
+        raise ConfigError(f"--data {data} reads its images from a folder you name: pass --data-option root=DIR.")
     cfg["crop_size"] = size
     datamodule = build_datamodule(cfg, seed=int(cfg.get("seed") or 0))
     dataset = datamodule.val_set if split == "val" else datamodule.train_set

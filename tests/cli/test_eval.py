@@ -90,6 +90,7 @@ def no_weights_read(monkeypatch):
     ("out_not_empty", "is not empty"),
     ("other_channels", "reads 1-channel images but"),
     ("shards", "tar shards are a stream without a fixed list of images"),
+    ("no_root", "--data imagenet reads its images from a folder you name: pass --data-option root=DIR."),
 ])
 def test_bad_input_is_one_sentence_before_any_weights_are_read(case, message, trained, tmp_path, capsys,
                                                                 no_weights_read):
@@ -105,6 +106,8 @@ def test_bad_input_is_one_sentence_before_any_weights_are_read(case, message, tr
         args = ["--size", "30"]
     elif case == "shards":
         data = "webdataset"
+    elif case == "no_root":
+        data = "imagenet"
     elif case == "out_not_empty":
         out.mkdir()
         (out / "mine.txt").write_text("keep me\n")
