@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dvae.data.folder import BadFiles, FileCheck, FolderImages
+from dvae.data.folder import BadFiles, FolderImages, layout_splits
 from dvae.errors import ConfigError
 
 
@@ -26,12 +26,7 @@ def build_celeba(root: str | None, crop_size: int, train_samples: int, seed: int
                 f"{path}/celeba/img_align_celeba/*.jpg and the annotation files (list_eval_partition.txt, ...) "
                 "as torchvision's CelebA expects them."
             ) from error
-        files = [path / found.base_folder / "img_align_celeba" / file for file in found.filename]
-        return check.fixed_split(files, name, path)
+        return [path / found.base_folder / "img_align_celeba" / file for file in found.filename]
 
-    check = FileCheck(on_bad_file, bad_files)
-    options = {"bad_files": bad_files, "on_bad_file": on_bad_file, "cache_mb": cache_mb}
-    train, val = split("train"), split("valid")
-    check.report()
-    return (FolderImages(train, crop_size, True, seed, random_flip, train_samples, augment, **options),
-            FolderImages(val, crop_size, False, seed, random_flip, **options))
+    return layout_splits(split, ("train", "valid"), path, crop_size, train_samples, seed, random_flip, augment,
+                         on_bad_file, bad_files, cache_mb)

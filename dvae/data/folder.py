@@ -239,6 +239,19 @@ class FileCheck:
         return [path for path in files if path not in unreadable]
 
 
+def layout_splits(list_files: Callable[[str], list[Path]], names: tuple[str, str], root: Path, crop_size: int,
+                  train_samples: int, seed: int, random_flip: bool, augment: str, on_bad_file: str,
+                  bad_files: BadFiles | None, cache_mb: float) -> tuple[FolderImages, FolderImages]:
+    """(train, val) of a source whose layout fixes the split (ImageNet, CelebA): each split's files from
+    `list_files(name)`, without the unreadable files at their head, served like data=folder's."""
+    check = FileCheck(on_bad_file, bad_files)
+    train, val = (check.fixed_split(list_files(name), name, root) for name in names)
+    check.report()
+    options = {"bad_files": bad_files, "on_bad_file": on_bad_file, "cache_mb": cache_mb}
+    return (FolderImages(train, crop_size, True, seed, random_flip, train_samples, augment, **options),
+            FolderImages(val, crop_size, False, seed, random_flip, **options))
+
+
 class DecodedImages:
     """The images read most recently, decoded, up to `max_bytes` in all (the least recently used leave first)."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dvae.data.folder import BadFiles, FileCheck, FolderImages, folder_index
+from dvae.data.folder import BadFiles, FolderImages, folder_index, layout_splits
 from dvae.errors import ConfigError
 
 
@@ -24,11 +24,7 @@ def build_imagenet(root: str | None, crop_size: int, train_samples: int, seed: i
         if not files:
             raise ConfigError(f"data.root={path}: {folder} holds no images ({seen} files seen); data.root must "
                               "hold train/<wnid>/*.JPEG and val/<wnid>/*.JPEG.")
-        return check.fixed_split(files, name, path)
+        return files
 
-    check = FileCheck(on_bad_file, bad_files)
-    options = {"bad_files": bad_files, "on_bad_file": on_bad_file, "cache_mb": cache_mb}
-    train, val = split("train"), split("val")
-    check.report()
-    return (FolderImages(train, crop_size, True, seed, random_flip, train_samples, augment, **options),
-            FolderImages(val, crop_size, False, seed, random_flip, **options))
+    return layout_splits(split, ("train", "val"), path, crop_size, train_samples, seed, random_flip, augment,
+                         on_bad_file, bad_files, cache_mb)
