@@ -1,3 +1,4 @@
+import atexit
 import os
 import shutil
 import subprocess
@@ -15,12 +16,22 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"  # files written by earl
 # Tests never talk to the internet or to an account.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def scratch_folder_for(variable: str, prefix: str) -> None:
+    """Point `variable` at a new temporary folder, removed when the test session's process exits."""
+    if variable not in os.environ:
+        folder = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ[variable] = folder
+
+
 # data=folder caches its file index under XDG_CACHE_HOME: not in the home directory of whoever runs the tests.
-os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="dvae-test-cache-"))
+scratch_folder_for("XDG_CACHE_HOME", "dvae-test-cache-")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 # threads=auto lists training processes in a per-user folder (dvae/training/cores.py): the tests' runs list
 # themselves apart from any real run on this machine.
-os.environ.setdefault("DVAE_JOBS_DIR", tempfile.mkdtemp(prefix="dvae-test-jobs-"))
+scratch_folder_for("DVAE_JOBS_DIR", "dvae-test-jobs-")
 
 # A few-second run: small crops, few steps, a tiny validation set.
 FAST = [
