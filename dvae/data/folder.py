@@ -303,7 +303,8 @@ class FolderImages(CroppedImages):
                 if self.bad_files is not None:
                     self.bad_files.record(self.files[candidate], reason)
                 continue
-            if min(image.shape[-2:]) < self.crop_size and candidate not in self.warned_small:
+            # Validation resizes every image to the crop (evaluation_view); only a training crop is upscaled.
+            if self.train and min(image.shape[-2:]) < self.crop_size and candidate not in self.warned_small:
                 self.warned_small.add(candidate)
                 warnings.warn(f"{self.files[candidate]} is {image.shape[2]}x{image.shape[1]}, smaller than "
                               f"data.crop_size={self.crop_size}; it is resized up", stacklevel=2)

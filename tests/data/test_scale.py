@@ -17,6 +17,7 @@ from PIL import Image
 
 import dvae.data.folder as folder_module
 from dvae.data.datamodule import DVAEDataModule
+from dvae.data.folder import FolderImages
 from dvae.data.samplers import EpochSampler
 from dvae.data.transforms import item_rng, paper_augment
 from dvae.data.webdataset import ShardStream
@@ -202,6 +203,17 @@ def test_bad_files_are_skipped_named_and_counted_and_odd_images_converted(tmp_pa
     assert any("tiny.png is 9x6, smaller than data.crop_size=16; it is resized up" in m for m in messages)
     assert sorted(Path(path).name for path, _ in dm.bad_files()) == sorted(BAD)
     assert not any(name in m for m in messages for name in ("grey", "palette", "rgba", "deep"))
+
+
+def test_only_a_training_image_smaller_than_the_crop_is_reported_as_resized_up(tmp_path):
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((6, 9, 3), dtype=np.uint8)).save(tiny)
+    for train, expected in ((True, 1), (False, 0)):  # validation resizes every image to the crop anyway
+        images = FolderImages([tiny], crop_size=16, train=train, seed=0, random_flip=False, min_length=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert images[0].shape == (3, 16, 16)
+        assert sum("resized up" in str(w.message) for w in caught) == expected, (train, caught)
 
 
 def test_bad_files_found_by_workers_are_reported_to_the_main_process(tmp_path):
