@@ -105,8 +105,11 @@ class Tally:
 
     def __init__(self, model: DVAE, config: dict[str, Any], metrics: tuple[str, ...], perceptual: Perceptual):
         self.model, self.config, self.metrics, self.perceptual = model, config, metrics, perceptual
+        # a fixed or scheduled scale: the b the export recorded (the one it was trained with at its last step)
+        scale = config.get("scale")
+        self.fixed_log_scale = math.log(scale) if isinstance(scale, (int, float)) and scale > 0 else None
         self.with_bits = ("bits_per_dim" in metrics and config.get("loss", "logit_laplace") == "logit_laplace"
-                          and model.learned_scale)
+                          and (model.learned_scale or self.fixed_log_scale is not None))
         self.images = 0
         self.sums = {name: 0.0 for name in ("psnr", "ssim", "ms_ssim", "lpips", "bits_per_dim")}
         self.seconds = 0.0
@@ -134,6 +137,8 @@ class Tally:
         if self.perceptual.inception is not None:
             self.features.add(self.perceptual.inception(x_hat))
         if self.with_bits:
+            if log_scale is None:
+                log_scale = mu.new_tensor(self.fixed_log_scale)
             rec = logit_laplace_nll_mean(x, mu, log_scale, model.eps)
             kl = model.kl_per_subpixel(logits, x)
             sums["bits_per_dim"] += float(nll_to_bits_per_dim(rec + kl, model.eps)) * len(x)
@@ -286,7 +291,7 @@ def render(report: dict[str, Any]) -> str:
     notes = ["Reconstructions from argmax tokens (no noise), as validation computes them, of the images as "
              "validation sees them (a folder's: the shorter side resized to the size, the centre square; a data "
              "config's: its split's own crops). bits/dim is the negative ELBO with the uniform prior, for "
-             "logit-Laplace models with a learned scale."]
+             "logit-Laplace models (a fixed or scheduled scale at the b the export recorded)."]
     if "ms_ssim" in chosen and report["image_size"] < MS_SSIM_MIN_SIZE:
         notes.append(f"MS-SSIM is not given: its five scales need images of at least {MS_SSIM_MIN_SIZE} pixels.")
     weights = report.get("weights", {})

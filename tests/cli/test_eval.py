@@ -277,6 +277,22 @@ def test_ms_ssim_where_the_size_allows_it(trained, tmp_path):
     assert figures["ms_ssim"] == pytest.approx(want, abs=1e-5)
 
 
+@pytest.mark.parametrize("scale", [["scale=learned"], ["scale=constant", "scale.value=0.2"],
+                                   ["scale=linear", "scale.start=0.5", "scale.end=0.3", "scale.steps=4"]],
+                         ids=["learned", "constant", "scheduled"])
+def test_eval_gives_validations_bits_per_dim_for_every_kind_of_scale(scale, tmp_path):
+    """A fixed or scheduled scale is not in the weights: dvae-eval takes the b the export recorded (the last
+    step's), the one validation used at the end."""
+    run = tmp_path / "run"
+    train(compose_config([*FAST, *scale]), run_dir=run)
+    model = export(run, run / "export", checkpoint="last")  # the weights of the final validation
+    assert eval_main([str(model), "--data", "photos", "--data-option", "val_samples=16", "--out",
+                      str(tmp_path / "eval"), "--no-progress", "--metrics", "psnr,bits_per_dim"]) == 0
+    (figures,) = json.loads((tmp_path / "eval" / "eval.json").read_text())["models"]
+    assert figures["bits_per_dim"] == pytest.approx(json.loads((run / "metrics.json").read_text())["bits_per_dim"],
+                                                    abs=2e-4)
+
+
 def test_imagenets_validation_and_the_same_files_as_a_folder_give_the_same_figures(trained, tmp_path):
     """The data config's validation split (the datamodule's) and the folder path see images by one rule."""
     _, model = trained
