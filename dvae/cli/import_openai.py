@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             "decoder_sha256": file_sha256(args.decoder)})
         print(f"wrote {args.out}: K={model.K}, downsampling {model.downsampling}, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
-              f"fine-tune with: dvae-train init_from={args.out} ...")
+              f"fine-tune with: dvae-train init_from={args.out} scale=learned ...")
 
     # FileNotFoundError before the OSError sentence: load_openai names the missing file and what to pass
     return run_tool("dvae-import-openai", work,

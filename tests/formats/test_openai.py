@@ -134,7 +134,8 @@ def test_import_cli_writes_an_export_that_matches_the_official_model(tmp_path, c
     args = ["--encoder", str(tmp_path / "encoder.pkl"), "--decoder", str(tmp_path / "decoder.pkl"),
             "--out", str(tmp_path / "export")]
     assert import_main(args) == 0
-    assert "init_from=" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"init_from={tmp_path / 'export'} scale=learned" in printed  # the official decoder predicts ln b
     ours = DVAE.from_pretrained(tmp_path / "export")
     assert ours.learned_scale and ours.K == 512
     assert max(max_diffs(ours, enc, dec)) <= 1e-5  # raw decoder output: the floor acts after it
@@ -155,7 +156,12 @@ def test_fine_tuning_from_an_imported_model_runs_and_its_loss_is_finite(tmp_path
     torch.save(dec, tmp_path / "decoder.pkl")
     assert import_main(["--encoder", str(tmp_path / "encoder.pkl"), "--decoder", str(tmp_path / "decoder.pkl"),
                         "--out", str(tmp_path / "export")]) == 0
-    cfg = compose_config([*FAST, "data=shapes", f"init_from={tmp_path / 'export'}"])
+    from dvae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"exported with a learned scale .*; train it with scale=learned\.$"):
+        train(compose_config([*FAST, "data=shapes", f"init_from={tmp_path / 'export'}"]), run_dir=tmp_path / "no")
+    assert not (tmp_path / "no").exists()  # refused before anything was written
+    cfg = compose_config([*FAST, "data=shapes", "scale=learned", f"init_from={tmp_path / 'export'}"])
     before = DVAE.from_pretrained(tmp_path / "export")
     train(cfg, run_dir=tmp_path / "run")
     assert (cfg.model.n_hid, cfg.model.groups, cfg.model.K) == (64, 4, 512)  # taken from the export

@@ -24,9 +24,10 @@ def options(group):
     return sorted(p.name[:-5] for p in (CONFIGS / group).iterdir() if p.name.endswith(".yaml"))
 
 
-def test_the_default_is_the_papers_objective_on_the_bundled_photos():
+def test_the_default_is_the_logit_laplace_at_a_fixed_scale_on_the_bundled_photos():
     cfg = compose_config()
-    assert cfg.data.name == "photos" and cfg.scale.mode == "learned" and cfg.loss == "logit_laplace"
+    assert cfg.data.name == "photos" and cfg.loss == "logit_laplace"
+    assert cfg.scale.mode == "constant" and cfg.scale.value == 0.1  # docs/collapse.md: the learned scale's weighting
     assert cfg.strategy.name == "auto" and cfg.logger.name == "csv"
     assert 2 ** (cfg.model.groups - 1) >= 4  # a real compressor: at most one token per 16 pixels
     validate_config(cfg)
@@ -135,8 +136,10 @@ def test_model_small_brings_its_recipe_and_the_command_line_still_wins():
     # the budget and warm-up model=small was measured at, not the tiny model's; the schedules follow the budget
     assert (small.trainer.max_steps, small.optim.warmup_steps, small.temperature.steps) == (1500, 50, 1500)
     assert (tiny.trainer.max_steps, tiny.optim.warmup_steps, tiny.temperature.steps) == (2000, 200, 2000)
-    mine = compose_config(["model=small", "optim.lr=1e-3", "codebook.usage_weight=5"])
-    assert (mine.optim.lr, mine.codebook.usage_weight) == (1e-3, 5.0)
+    # and the paper's learned scale (at the default fixed one it used too few of its codes: docs/collapse.md)
+    assert (small.scale.mode, tiny.scale.mode) == ("learned", "constant")
+    mine = compose_config(["model=small", "optim.lr=1e-3", "codebook.usage_weight=5", "scale=constant"])
+    assert (mine.optim.lr, mine.codebook.usage_weight, mine.scale.mode) == (1e-3, 5.0, "constant")
     # an experiment is applied after the model's recipe: experiment=paper's objective stays the paper's
     paper = compose_config(["experiment=paper", "model=small", "data.root=/data/images"])
     assert (paper.optim.lr, paper.codebook.usage_weight) == (1e-4, 0.0)

@@ -268,3 +268,4 @@ def test_the_paper_experiment_keeps_the_papers_objective():
 
     cfg = compose_config(["experiment=paper", "data.root=/tmp"])
     assert cfg.codebook.usage_weight == 0 and cfg.codebook.reseed_every == 0 and cfg.codebook.entropy_weight == 0
+    assert cfg.scale.mode == "learned" and cfg.loss == "logit_laplace"  # the decoder predicts ln b, as in the paper
