@@ -16,7 +16,7 @@ import dvae
 from dvae.cli.export import main
 from dvae.errors import ConfigError
 from dvae.formats.checkpoint import export
-from dvae.model import DVAE
+from dvae.model import DEFAULT_LOG_SCALE_FLOOR, DVAE
 from dvae.training.module import DVAELightning
 from dvae.training.run import train
 from tests.conftest import FAST, FIXTURES, ROOT, compose_config, one_sentence_error
@@ -68,10 +68,11 @@ def test_dvae_json_says_how_to_rebuild_and_where_it_came_from(run_dir, tmp_path)
     config = json.loads((tmp_path / "e" / "dvae.json").read_text())
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert config["model"] == {"channels": 3, "n_hid": 8, "blocks_per_group": 1, "groups": 3, "K": 32,
-                               "n_init": 8, "learned_scale": True, "log_scale_floor": -4.382,
+                               "n_init": 8, "learned_scale": False, "log_scale_floor": DEFAULT_LOG_SCALE_FLOOR,
                                "eps": 0.1, "hard": False}
     assert (config["K"], config["D"], config["channels"], config["downsampling"]) == (32, 8, 3, 4)
-    assert config["pixel_eps"] == 0.1 and config["scale_mode"] == "learned" and config["image_size"] == 16
+    assert config["pixel_eps"] == 0.1 and config["image_size"] == 16
+    assert config["scale_mode"] == "constant" and config["scale"] == 0.1  # the default's fixed b, for dvae-eval
     assert config["training"]["step"] == 4 and config["training"]["weights"] == "ema"
     assert config["source"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert config["dvae_version"] == dvae.__version__

@@ -208,5 +208,5 @@ def test_a_checkpoint_whose_decoder_does_not_fit_the_loss_is_refused_in_one_sent
                checkpoint)
     with pytest.raises(ConfigError, match=r"has a decoder with 3 output maps but loss=l1 scale=learned now builds "
                                           r"one with 6 .*start a new run\.$"):
-        check_decoder_output(checkpoint, fast_config("loss=l1"))
+        check_decoder_output(checkpoint, fast_config("loss=l1", "scale=learned"))
     check_decoder_output(checkpoint, fast_config("loss=l1", "scale=constant", "scale.value=0.1"))  # 3 maps: fits
