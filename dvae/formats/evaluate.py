@@ -105,7 +105,7 @@ class Tally:
 
     def __init__(self, model: DVAE, config: dict[str, Any], metrics: tuple[str, ...], perceptual: Perceptual):
         self.model, self.config, self.metrics, self.perceptual = model, config, metrics, perceptual
-        # a fixed or scheduled scale: the b the export recorded (the one it was trained with at its last step)
+        # a fixed or scheduled scale is not in the weights: the b the export recorded (at its checkpoint's step)
         scale = config.get("scale")
         self.fixed_log_scale = math.log(scale) if isinstance(scale, (int, float)) and scale > 0 else None
         self.with_bits = ("bits_per_dim" in metrics and config.get("loss", "logit_laplace") == "logit_laplace"
