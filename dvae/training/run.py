@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigAttributeError
 from dvae.errors import ConfigError, TrainingError
 from dvae.training.builders import build_module, build_trainer, load_init_from
 from dvae.training.config_checks import apply_scale_shorthand, validate_config
+from dvae.training.heap import keep_freed_memory_in_heap
 from dvae.training.hydra_run import command_line_overrides, hydra_config, in_multirun
 from dvae.training.loggers import build_loggers, close_loggers, rank_zero
 from dvae.training.pictures import write_run_pictures
@@ -127,6 +128,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, extra_callbacks: l
     if cfg.progress_bar and sys.stderr.isatty():
         callbacks.append(RichProgressBar())
     trainer = build_trainer(cfg, run_dir, loggers, callbacks)
+    keep_freed_memory_in_heap()
     start = time.perf_counter()
     status = "failed"
     # Subnormal floats take a slow path on x86 CPUs (a default step became 28x slower, docs/benchmarks.md);
