@@ -129,6 +129,20 @@ def test_the_paper_experiment_sets_the_papers_recipe():
                                     "trainer.num_nodes=8"]))
 
 
+def test_the_loss_ablation_gives_each_density_the_same_spread_at_a_fixed_scale():
+    def scale(*overrides):
+        cfg = compose_config(["experiment=loss_ablation", *overrides])
+        validate_config(cfg)
+        return cfg.scale.mode, cfg.scale.value
+
+    # b = 0.1 in logit units is 0.1 / (4 * (1 - 2 * 0.1)) pixel units at mid-grey; the Gaussian gets its variance
+    assert scale("loss=logit_laplace") == ("constant", 0.1)
+    assert scale("loss=l1") == ("constant", pytest.approx(0.1 / 3.2))
+    assert scale("loss=mse") == ("constant", pytest.approx(2 ** 0.5 * 0.1 / 3.2, rel=1e-3))
+    assert scale("loss=mse", "scale=learned") == ("learned", None)
+    assert scale("loss=l1", "scale.value=0.2") == ("constant", 0.2)
+
+
 def test_model_small_brings_its_recipe_and_the_command_line_still_wins():
     tiny, small = compose_config(), compose_config(["model=small"])
     assert (small.optim.lr, small.codebook.usage_weight) == (3e-3, 160.0)
