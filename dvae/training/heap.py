@@ -2,8 +2,8 @@
 
 glibc hands a freed block above its mmap threshold straight back to the kernel, and it raises that threshold
 only to the largest block the process has freed so far. Where nothing large was ever freed (data=shapes), every
-update's larger activations are mapped afresh and the kernel zeroes their pages again: a shapes run spent 10x the
-system time of a photographs run (docs/benchmarks.md). Fixed thresholds keep freed memory for the next update.
+update's larger activations are mapped afresh and the kernel zeroes their pages again, which made data=shapes
+runs much slower than the photographs (docs/benchmarks.md). Fixed thresholds keep freed memory for the next update.
 """
 
 from __future__ import annotations
